@@ -1,0 +1,137 @@
+//! The admin listener (HTTP/1.1): `/healthz` (the process is alive), `/readyz` (it can
+//! serve: not draining and at least one backend usable), `/backends` (JSON) and `/metrics`
+//! (Prometheus text).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::BackendSet;
+use crate::backoff::Backoff;
+
+/// A scraper or probe that has not sent its request headers by then is cut off, so idle
+/// admin connections cannot pile up.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the admin endpoints read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// The backends, for `/readyz` and `/backends`.
+    pub backends: Arc<BackendSet>,
+    /// Renders `/metrics`; `None` when no recorder is installed (library use, tests).
+    pub prometheus: Option<PrometheusHandle>,
+    /// Cancelled when shutdown begins: `/readyz` then answers 503, so orchestrators stop
+    /// sending new work while the drain runs.
+    pub draining: CancellationToken,
+}
+
+/// Serves the admin endpoints until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
+    let state = Arc::new(state);
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => { backoff.reset(); s }
+                Err(e) => {
+                    let pause = backoff.next_delay();
+                    tracing::warn!(error = %e, pause = ?pause, "admin accept failed");
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            },
+        };
+        let state = Arc::clone(&state);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+    }
+    let now = Instant::now();
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if state.draining.is_cancelled() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if state.backends.usable(now) == 0 {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no backend is ready\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        "/backends" => match serde_json::to_vec_pretty(&state.backends.statuses(now)) {
+            Ok(body) => {
+                let mut r = text(StatusCode::OK, body);
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
+        "/metrics" => match &state.prometheus {
+            Some(handle) => {
+                state.backends.publish_gauges(now);
+                handle.run_upkeep();
+                let mut r = text(StatusCode::OK, handle.render());
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz, /backends or /metrics\n",
+        ),
+    }
+}

@@ -1,0 +1,426 @@
+//! The shared set of backends: where each one is, how many connections it carries, and
+//! whether passive ejection currently keeps it out of rotation.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, counter, gauge};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::backoff;
+use crate::metrics as m;
+
+/// A backend as configured: the address to connect to and the name it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// As the user wrote it (`localhost:50052`); used in logs, metrics and `/backends`.
+    pub name: String,
+    /// Resolved once at start-up, so a slow resolver never sits on the connect path.
+    pub addr: SocketAddr,
+}
+
+/// How long a backend stays out of rotation after a failed connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EjectionConfig {
+    /// The first ejection's length; each further one in a row doubles it.
+    pub base_time: Duration,
+    /// The longest ejection, so a backend that comes back is found again soon enough.
+    pub max_time: Duration,
+}
+
+/// Passive-failure bookkeeping of one backend.
+#[derive(Debug, Default)]
+struct Passive {
+    /// Out of rotation until then.
+    ejected_until: Option<Instant>,
+    /// Ejections since the last successful connect; sets the next ejection's length.
+    streak: u32,
+    /// Ejections over the process lifetime, for `/backends`.
+    ejections: u64,
+    /// Failed connects over the process lifetime, for `/backends`.
+    connect_failures: u64,
+    /// The most recent connect failure, for `/backends`.
+    last_error: Option<String>,
+}
+
+/// Metric handles of one backend, registered once so the data path only adds to atomics.
+#[derive(Debug)]
+struct BackendMetrics {
+    connections: Counter,
+    refused: Counter,
+    timeout: Counter,
+    other_error: Counter,
+    ejections: Counter,
+    sent_bytes: Counter,
+    received_bytes: Counter,
+    active: Gauge,
+    up: Gauge,
+}
+
+impl BackendMetrics {
+    fn new(name: &str) -> Self {
+        let label = || ("backend", name.to_owned());
+        let error = |reason: &'static str| counter!(m::BACKEND_CONNECT_ERRORS, "backend" => name.to_owned(), "reason" => reason);
+        Self {
+            connections: counter!(m::BACKEND_CONNECTIONS, &[label()]),
+            refused: error("refused"),
+            timeout: error("timeout"),
+            other_error: error("other"),
+            ejections: counter!(m::BACKEND_EJECTIONS, &[label()]),
+            sent_bytes: counter!(m::BACKEND_SENT_BYTES, &[label()]),
+            received_bytes: counter!(m::BACKEND_RECEIVED_BYTES, &[label()]),
+            active: gauge!(m::BACKEND_ACTIVE, &[label()]),
+            up: gauge!(m::BACKEND_UP, &[label()]),
+        }
+    }
+}
+
+/// Why a connect to a backend failed; a label on the connect-error metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing listens there (the worker is down or restarting).
+    Refused,
+    /// No answer within the connect timeout.
+    Timeout,
+    /// Anything else (unreachable, out of ports, ...).
+    Other,
+}
+
+/// One backend and its live counters.
+#[derive(Debug)]
+pub struct Backend {
+    /// Name and address.
+    spec: BackendSpec,
+    /// Connections proxied to it right now; least-conn and p2c read it.
+    active: AtomicUsize,
+    /// Passive ejection state; touched only when a connect fails or recovers.
+    passive: Mutex<Passive>,
+    /// Its metric handles.
+    metrics: BackendMetrics,
+}
+
+/// A point-in-time view of one backend, as `/backends` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    /// As configured.
+    pub name: String,
+    /// Resolved address.
+    pub address: String,
+    /// `up` or `ejected`.
+    pub state: &'static str,
+    /// Connections open to it now.
+    pub active_connections: usize,
+    /// Passive ejections so far.
+    pub ejections: u64,
+    /// Milliseconds until an ejection ends, when ejected.
+    pub ejected_for_ms: Option<u64>,
+    /// Failed connects so far.
+    pub connect_failures: u64,
+    /// The most recent connect error, if any.
+    pub last_error: Option<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data is plain counters that stay consistent even if a holder panicked.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Backend {
+    fn new(spec: BackendSpec) -> Self {
+        let metrics = BackendMetrics::new(&spec.name);
+        Self {
+            spec,
+            active: AtomicUsize::new(0),
+            passive: Mutex::new(Passive::default()),
+            metrics,
+        }
+    }
+
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The address to connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.spec.addr
+    }
+
+    /// Connections proxied to it right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether passive ejection keeps it out of rotation at `now`.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        lock(&self.passive).ejected_until.is_some_and(|t| t > now)
+    }
+
+    /// Counts a connection to this backend until the guard is dropped.
+    pub fn track(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(Arc::clone(self))
+    }
+
+    /// Adds to the bytes-sent-to-backend counter.
+    pub fn count_sent(&self, n: u64) {
+        self.metrics.sent_bytes.increment(n);
+    }
+
+    /// Adds to the bytes-received-from-backend counter.
+    pub fn count_received(&self, n: u64) {
+        self.metrics.received_bytes.increment(n);
+    }
+
+    /// A snapshot for `/backends`.
+    pub fn status(&self, now: Instant) -> BackendStatus {
+        let p = lock(&self.passive);
+        let ejected_for = p
+            .ejected_until
+            .and_then(|t| t.checked_duration_since(now))
+            .filter(|d| !d.is_zero());
+        BackendStatus {
+            name: self.spec.name.clone(),
+            address: self.spec.addr.to_string(),
+            state: if ejected_for.is_some() {
+                "ejected"
+            } else {
+                "up"
+            },
+            active_connections: self.active(),
+            ejections: p.ejections,
+            ejected_for_ms: ejected_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            connect_failures: p.connect_failures,
+            last_error: p.last_error.clone(),
+        }
+    }
+}
+
+/// Keeps a backend's active-connection count raised while it lives.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Backend>);
+
+impl ActiveGuard {
+    /// The backend this connection counts against.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// All backends, shared by the data path, the admin endpoint and (later) the supervisor.
+#[derive(Debug)]
+pub struct BackendSet {
+    /// The current list; replaced whole when membership changes, so readers take a cheap
+    /// snapshot and never hold a lock while they connect.
+    backends: RwLock<Arc<[Arc<Backend>]>>,
+    /// Serialises ejection decisions, so two failures at once cannot eject the last two.
+    eject_lock: Mutex<()>,
+    /// How long ejections last.
+    ejection: EjectionConfig,
+}
+
+impl BackendSet {
+    /// A set holding `specs`, all in rotation.
+    pub fn new(specs: impl IntoIterator<Item = BackendSpec>, ejection: EjectionConfig) -> Self {
+        let list: Vec<Arc<Backend>> = specs
+            .into_iter()
+            .map(|s| Arc::new(Backend::new(s)))
+            .collect();
+        Self {
+            backends: RwLock::new(list.into()),
+            eject_lock: Mutex::new(()),
+            ejection,
+        }
+    }
+
+    /// The backends as they are now.
+    pub fn snapshot(&self) -> Arc<[Arc<Backend>]> {
+        Arc::clone(&self.backends.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The backends a new connection may go to, leaving out `tried`: those in rotation, or,
+    /// when none of them is left, every backend not yet tried: if all look bad, keep
+    /// trying them rather than refuse the client outright.
+    pub fn candidates(&self, now: Instant, tried: &[SocketAddr]) -> Vec<Arc<Backend>> {
+        let untried: Vec<Arc<Backend>> = self
+            .snapshot()
+            .iter()
+            .filter(|b| !tried.contains(&b.addr()))
+            .cloned()
+            .collect();
+        let usable: Vec<Arc<Backend>> = untried
+            .iter()
+            .filter(|b| !b.is_ejected(now))
+            .cloned()
+            .collect();
+        if usable.is_empty() { untried } else { usable }
+    }
+
+    /// How many backends are in rotation at `now`.
+    pub fn usable(&self, now: Instant) -> usize {
+        self.snapshot()
+            .iter()
+            .filter(|b| !b.is_ejected(now))
+            .count()
+    }
+
+    /// Records a successful connect: the backend's ejection streak starts over.
+    pub fn connect_succeeded(&self, backend: &Backend) {
+        backend.metrics.connections.increment(1);
+        let mut p = lock(&backend.passive);
+        p.streak = 0;
+    }
+
+    /// Records a failed connect and ejects the backend, unless that would leave no backend
+    /// in rotation. Returns the ejection's length when it was ejected.
+    pub fn connect_failed(
+        &self,
+        backend: &Backend,
+        failure: ConnectFailure,
+        error: &str,
+        now: Instant,
+    ) -> Option<Duration> {
+        match failure {
+            ConnectFailure::Refused => backend.metrics.refused.increment(1),
+            ConnectFailure::Timeout => backend.metrics.timeout.increment(1),
+            ConnectFailure::Other => backend.metrics.other_error.increment(1),
+        }
+        let _decision = lock(&self.eject_lock);
+        let others_in_rotation = self
+            .snapshot()
+            .iter()
+            .filter(|b| b.addr() != backend.addr() && !b.is_ejected(now))
+            .count();
+        let mut p = lock(&backend.passive);
+        p.connect_failures += 1;
+        p.last_error = Some(error.to_owned());
+        if others_in_rotation == 0 || p.ejected_until.is_some_and(|t| t > now) {
+            return None;
+        }
+        let length =
+            backoff::exponential(self.ejection.base_time, self.ejection.max_time, p.streak);
+        p.streak = p.streak.saturating_add(1);
+        p.ejections += 1;
+        p.ejected_until = Some(now + length);
+        backend.metrics.ejections.increment(1);
+        Some(length)
+    }
+
+    /// Status of every backend, for `/backends`.
+    pub fn statuses(&self, now: Instant) -> Vec<BackendStatus> {
+        self.snapshot().iter().map(|b| b.status(now)).collect()
+    }
+
+    /// Sets the gauges that are cheaper to read at scrape time than to keep current.
+    pub fn publish_gauges(&self, now: Instant) {
+        for b in self.snapshot().iter() {
+            b.metrics.active.set(b.active() as f64);
+            b.metrics.up.set(if b.is_ejected(now) { 0.0 } else { 1.0 });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn set(n: u16) -> BackendSet {
+        let specs = (0..n).map(|i| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 20000 + i));
+            BackendSpec {
+                name: addr.to_string(),
+                addr,
+            }
+        });
+        BackendSet::new(
+            specs,
+            EjectionConfig {
+                base_time: SEC,
+                max_time: 4 * SEC,
+            },
+        )
+    }
+
+    fn fail(set: &BackendSet, i: usize, now: Instant) -> Option<Duration> {
+        let b = Arc::clone(&set.snapshot()[i]);
+        set.connect_failed(&b, ConnectFailure::Refused, "refused", now)
+    }
+
+    #[test]
+    fn ejection_grows_on_repeat_is_capped_and_resets_on_success() {
+        let s = set(2);
+        let mut now = Instant::now();
+        let mut lengths = Vec::new();
+        for _ in 0..4 {
+            lengths.push(fail(&s, 0, now));
+            now += 5 * SEC;
+        }
+        assert_eq!(
+            lengths,
+            [Some(SEC), Some(2 * SEC), Some(4 * SEC), Some(4 * SEC)]
+        );
+        let b = Arc::clone(&s.snapshot()[0]);
+        s.connect_succeeded(&b);
+        assert_eq!(fail(&s, 0, now), Some(SEC));
+        assert_eq!(b.status(now).ejections, 5);
+        assert_eq!(b.status(now).connect_failures, 5);
+    }
+
+    #[test]
+    fn an_ejected_backend_leaves_rotation_until_its_time_is_up() {
+        let s = set(3);
+        let now = Instant::now();
+        fail(&s, 1, now);
+        let names: Vec<SocketAddr> = s.candidates(now, &[]).iter().map(|b| b.addr()).collect();
+        assert_eq!(names.len(), 2);
+        assert!(!names.contains(&s.snapshot()[1].addr()));
+        assert_eq!(s.usable(now + 2 * SEC), 3);
+        assert_eq!(s.snapshot()[1].status(now).state, "ejected");
+    }
+
+    #[test]
+    fn the_last_backend_in_rotation_is_never_ejected() {
+        let s = set(2);
+        let now = Instant::now();
+        assert!(fail(&s, 0, now).is_some());
+        assert_eq!(fail(&s, 1, now), None);
+        assert_eq!(s.usable(now), 1);
+    }
+
+    #[test]
+    fn when_every_candidate_looks_bad_the_untried_ones_are_still_offered() {
+        let s = set(2);
+        let now = Instant::now();
+        fail(&s, 0, now);
+        let tried = [s.snapshot()[1].addr()];
+        let c = s.candidates(now, &tried);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].addr(), s.snapshot()[0].addr());
+        let all = [s.snapshot()[0].addr(), s.snapshot()[1].addr()];
+        assert!(s.candidates(now, &all).is_empty());
+    }
+
+    #[test]
+    fn active_guard_counts_while_alive() {
+        let s = set(1);
+        let b = Arc::clone(&s.snapshot()[0]);
+        let g1 = b.track();
+        let g2 = b.track();
+        assert_eq!(b.active(), 2);
+        drop(g1);
+        assert_eq!(g2.backend().active(), 1);
+        drop(g2);
+        assert_eq!(b.active(), 0);
+    }
+}

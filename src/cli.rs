@@ -1,0 +1,66 @@
+//! The command line, mirroring the contract in the README: every option here is also a
+//! config-file key and a `PORTSHARE_*` variable, and overrides both.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// One listener that balances gRPC (HTTP/2) connections over worker processes.
+#[derive(Debug, Parser)]
+#[command(name = "portshare", version, about, long_about = None)]
+pub struct Cli {
+    /// Run a subcommand instead of the proxy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options shared by the proxy and its subcommands.
+    #[command(flatten)]
+    pub opts: Opts,
+}
+
+/// What to do instead of proxying.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration and print the effective one (exit 0), or say what is wrong (exit 64).
+    Check,
+}
+
+/// Options; each one overrides the `PORTSHARE_*` variable and the config-file key of the same name.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Opts {
+    /// TOML configuration file (see config/portshare.toml for every key).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The public listener [default: [::]:50051].
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// l4: each client connection goes to one backend, bytes copied both ways [default: l4].
+    #[arg(long, global = true, value_name = "l4|h2")]
+    pub mode: Option<String>,
+    /// A backend that already runs, HOST:PORT; HOST:P1-P2 adds a port range. Repeatable.
+    #[arg(long = "backend", global = true, value_name = "ADDR")]
+    pub backends: Vec<String>,
+    /// How a backend is picked [default: least-conn].
+    #[arg(long, global = true, value_name = "least-conn|round-robin|p2c")]
+    pub balance: Option<String>,
+    /// Admin HTTP listener for /metrics, /healthz, /readyz and /backends [default: off].
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Client connections held at once; more wait in the kernel's backlog [default: 10000].
+    #[arg(long, global = true, value_name = "N")]
+    pub max_connections: Option<u64>,
+    /// How long open connections may finish after SIGTERM [default: 30s].
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
+    /// How long a connect to a backend may take before another is tried [default: 2s].
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// Backends tried for one client connection before it is given up [default: 3].
+    #[arg(long, global = true, value_name = "N")]
+    pub connect_attempts: Option<u64>,
+    /// A proxied connection with no bytes either way for this long is closed [default: 1h].
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Log lines as human-readable text or JSON objects [default: text].
+    #[arg(long, global = true, value_name = "text|json")]
+    pub log_format: Option<String>,
+}

@@ -1,0 +1,713 @@
+//! Configuration in two layers: a serde [`RawConfig`] assembled by the `config` crate from
+//! defaults < TOML file < `PORTSHARE_*` environment < flags, then validated into the typed
+//! [`Config`]. Every error names the key it is about.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use config::{Environment, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{BackendSpec, EjectionConfig};
+use crate::balance::Balance;
+use crate::cli::Opts;
+use crate::l4::L4Config;
+use crate::listener::ListenerConfig;
+
+/// Environment variables with the `PORTSHARE_` prefix that are not config keys.
+const NOT_CONFIG_KEYS: [&str; 3] = ["PORTSHARE_LOG", "PORTSHARE_PORT", "PORTSHARE_WORKER_INDEX"];
+
+/// A port range longer than this is almost certainly a typo (`5000-50000`), and would
+/// open tens of thousands of backends.
+const MAX_RANGE_PORTS: u32 = 1024;
+
+/// A configuration problem: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// The key (or flag, for `--config`) at fault.
+    pub key: String,
+    /// What is wrong, in a few words.
+    pub problem: String,
+}
+
+fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// How client connections are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Each client connection goes to one backend; bytes are copied both ways.
+    L4,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mode::L4 => f.write_str("l4"),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For people at a terminal.
+    Text,
+    /// One JSON object a line, for log collectors in containers.
+    Json,
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+/// The configuration as written, before validation: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// See the README's option table.
+    pub listen: Option<String>,
+    /// See the README's option table.
+    pub mode: Option<String>,
+    /// See the README's option table.
+    pub backends: Option<Vec<String>>,
+    /// See the README's option table.
+    pub balance: Option<String>,
+    /// See the README's option table.
+    pub admin: Option<String>,
+    /// See the README's option table.
+    pub max_connections: Option<u64>,
+    /// See the README's option table.
+    pub drain_timeout: Option<String>,
+    /// See the README's option table.
+    pub connect_timeout: Option<String>,
+    /// See the README's option table.
+    pub connect_attempts: Option<u64>,
+    /// See the README's option table.
+    pub idle_timeout: Option<String>,
+    /// See the README's option table.
+    pub log_format: Option<String>,
+    /// Passive ejection after failed connects.
+    pub ejection: Option<RawEjection>,
+}
+
+/// `[ejection]` as written.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEjection {
+    /// The first ejection's length.
+    pub base_time: Option<String>,
+    /// The longest ejection.
+    pub max_time: Option<String>,
+}
+
+/// The validated configuration; each component takes its own part of it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The public listener.
+    pub listener: ListenerConfig,
+    /// How connections are handled.
+    pub mode: Mode,
+    /// Backends that already run.
+    pub backends: Vec<BackendSpec>,
+    /// How a backend is picked.
+    pub balance: Balance,
+    /// Connect and copy settings of l4 mode.
+    pub l4: L4Config,
+    /// Passive ejection settings.
+    pub ejection: EjectionConfig,
+    /// Admin listener, if any.
+    pub admin: Option<SocketAddr>,
+    /// How long open work may finish after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Log output format.
+    pub log_format: LogFormat,
+}
+
+/// Assembles and validates the configuration from the file named in `opts`, the
+/// `PORTSHARE_*` entries of `env`, and the flags in `opts`.
+pub fn load(opts: &Opts, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    raw(opts, env)?.validate()
+}
+
+/// The layered, not yet validated configuration.
+pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = &opts.config {
+        builder = builder.add_source(file_source(path)?);
+    }
+    let env_vars: config::Map<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("PORTSHARE_") && !NOT_CONFIG_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    builder = builder.add_source(
+        Environment::with_prefix("PORTSHARE")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("backends")
+            .source(Some(env_vars)),
+    );
+    let flag = |key: &str, e: config::ConfigError| err(key, e.to_string());
+    let strings = [
+        ("listen", &opts.listen),
+        ("mode", &opts.mode),
+        ("balance", &opts.balance),
+        ("admin", &opts.admin),
+        ("drain_timeout", &opts.drain_timeout),
+        ("connect_timeout", &opts.connect_timeout),
+        ("idle_timeout", &opts.idle_timeout),
+        ("log_format", &opts.log_format),
+    ];
+    for (key, value) in strings {
+        if let Some(v) = value {
+            builder = builder
+                .set_override(key, v.as_str())
+                .map_err(|e| flag(key, e))?;
+        }
+    }
+    let numbers = [
+        ("max_connections", opts.max_connections),
+        ("connect_attempts", opts.connect_attempts),
+    ];
+    for (key, value) in numbers {
+        if let Some(v) = value {
+            builder = builder.set_override(key, v).map_err(|e| flag(key, e))?;
+        }
+    }
+    if !opts.backends.is_empty() {
+        builder = builder
+            .set_override("backends", opts.backends.clone())
+            .map_err(|e| flag("backends", e))?;
+    }
+    let built = builder.build().map_err(from_config_crate)?;
+    built.try_deserialize().map_err(from_config_crate)
+}
+
+fn file_source(path: &Path) -> Result<File<config::FileSourceFile, FileFormat>, ConfigError> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(File::from(path).format(FileFormat::Toml).required(true)),
+        Ok(_) => Err(err("--config", format!("{shown} is not a file"))),
+        Err(e) => Err(err("--config", format!("cannot read {shown}: {e}"))),
+    }
+}
+
+/// Turns the `config` crate's errors into ones that name the key and fit on one line.
+fn from_config_crate(e: config::ConfigError) -> ConfigError {
+    match e {
+        config::ConfigError::Type {
+            key: Some(key),
+            unexpected,
+            expected,
+            ..
+        } => err(key, format!("expected {expected}, found {unexpected}")),
+        config::ConfigError::At {
+            error,
+            key: Some(key),
+            ..
+        } => {
+            let inner = from_config_crate(*error);
+            if inner.key == "config" {
+                err(key, inner.problem)
+            } else {
+                // An unknown key inside a table: name it in full (`ejection.base`).
+                err(format!("{key}.{}", inner.key), inner.problem)
+            }
+        }
+        config::ConfigError::Message(m) => unknown_field(&m),
+        config::ConfigError::FileParse { uri, cause } => {
+            let file = uri.unwrap_or_else(|| "config file".to_owned());
+            let cause = cause.to_string().replace('\n', " ");
+            err(
+                "--config",
+                format!(
+                    "{file}: {}",
+                    cause.split_whitespace().collect::<Vec<_>>().join(" ")
+                ),
+            )
+        }
+        other => err("config", other.to_string().replace('\n', " ")),
+    }
+}
+
+/// serde reports an unknown key as "unknown field `x`, expected one of ..."; lead with the key.
+fn unknown_field(message: &str) -> ConfigError {
+    if let Some((field, _)) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+    {
+        return err(
+            field,
+            "unknown key (see config/portshare.toml for the keys)",
+        );
+    }
+    err("config", message.replace('\n', " "))
+}
+
+impl RawConfig {
+    /// Checks every key and turns the raw strings into typed values.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let listen = match &self.listen {
+            Some(s) => resolve_one("listen", s, true)?,
+            None => SocketAddr::from(([0u16; 8], 50051)),
+        };
+        let mode = match self.mode.as_deref().unwrap_or("l4") {
+            "l4" => Mode::L4,
+            "h2" => {
+                return Err(err(
+                    "mode",
+                    "h2 is not available in this version yet; use l4",
+                ));
+            }
+            other => {
+                return Err(err(
+                    "mode",
+                    format!("unknown mode {other:?} (expected l4 or h2)"),
+                ));
+            }
+        };
+        let mut backends: Vec<BackendSpec> = Vec::new();
+        for (i, entry) in self.backends.iter().flatten().enumerate() {
+            let key = format!("backends[{i}]");
+            for spec in parse_backend(&key, entry)? {
+                if backends.iter().any(|b| b.addr == spec.addr) {
+                    return Err(err(key, format!("{} is listed twice", spec.name)));
+                }
+                backends.push(spec);
+            }
+        }
+        if backends.is_empty() {
+            return Err(err(
+                "backends",
+                "no backends: give at least one with --backend HOST:PORT (or HOST:P1-P2)",
+            ));
+        }
+        let balance = match &self.balance {
+            Some(s) => s.parse().map_err(|e: String| err("balance", e))?,
+            None => Balance::LeastConn,
+        };
+        let admin = self
+            .admin
+            .as_deref()
+            .filter(|s| !s.is_empty() && *s != "off")
+            .map(|s| resolve_one("admin", s, true))
+            .transpose()?;
+        let max_connections = match self.max_connections {
+            None => 10_000,
+            Some(0) => return Err(err("max_connections", "must be at least 1")),
+            Some(n) => usize::try_from(n)
+                .ok()
+                .filter(|n| *n <= tokio::sync::Semaphore::MAX_PERMITS)
+                .ok_or_else(|| err("max_connections", format!("{n} is too large")))?,
+        };
+        let connect_attempts = match self.connect_attempts {
+            None => 3,
+            Some(n @ 1..=100) => n as usize,
+            Some(n) => {
+                return Err(err(
+                    "connect_attempts",
+                    format!("{n} is out of range (1 to 100)"),
+                ));
+            }
+        };
+        let ejection = self.ejection.clone().unwrap_or_default();
+        let base_time = duration("ejection.base_time", ejection.base_time.as_deref(), "5s")?;
+        let max_time = duration("ejection.max_time", ejection.max_time.as_deref(), "60s")?;
+        if max_time < base_time {
+            return Err(err(
+                "ejection.max_time",
+                "must not be shorter than ejection.base_time",
+            ));
+        }
+        let connect_timeout = duration("connect_timeout", self.connect_timeout.as_deref(), "2s")?;
+        if connect_timeout.is_zero() {
+            return Err(err("connect_timeout", "must be longer than 0s"));
+        }
+        let idle_timeout = duration("idle_timeout", self.idle_timeout.as_deref(), "1h")?;
+        if idle_timeout.is_zero() {
+            return Err(err("idle_timeout", "must be longer than 0s"));
+        }
+        let log_format = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(err(
+                    "log_format",
+                    format!("unknown format {other:?} (expected text or json)"),
+                ));
+            }
+        };
+        Ok(Config {
+            listener: ListenerConfig {
+                addr: listen,
+                max_connections,
+            },
+            mode,
+            backends,
+            balance,
+            l4: L4Config {
+                connect_timeout,
+                connect_attempts,
+                idle_timeout,
+            },
+            ejection: EjectionConfig {
+                base_time,
+                max_time,
+            },
+            admin,
+            drain_timeout: duration("drain_timeout", self.drain_timeout.as_deref(), "30s")?,
+            log_format,
+        })
+    }
+}
+
+impl Config {
+    /// The effective configuration, as TOML that `--config` would accept.
+    pub fn to_toml(&self) -> String {
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        let raw = RawConfig {
+            listen: Some(self.listener.addr.to_string()),
+            mode: Some(self.mode.to_string()),
+            backends: Some(self.backends.iter().map(|b| b.name.clone()).collect()),
+            balance: Some(self.balance.to_string()),
+            admin: Some(
+                self.admin
+                    .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            ),
+            max_connections: Some(self.listener.max_connections as u64),
+            drain_timeout: Some(human(self.drain_timeout)),
+            connect_timeout: Some(human(self.l4.connect_timeout)),
+            connect_attempts: Some(self.l4.connect_attempts as u64),
+            idle_timeout: Some(human(self.l4.idle_timeout)),
+            log_format: Some(self.log_format.to_string()),
+            ejection: Some(RawEjection {
+                base_time: Some(human(self.ejection.base_time)),
+                max_time: Some(human(self.ejection.max_time)),
+            }),
+        };
+        toml::to_string(&raw)
+            .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+}
+
+fn duration(key: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let text = value.unwrap_or(default).trim();
+    humantime::parse_duration(text).map_err(|e| {
+        err(
+            key,
+            format!("{text:?} is not a duration like 500ms or 30s ({e})"),
+        )
+    })
+}
+
+/// Splits `HOST:PORT` (IPv6 hosts in brackets) into host and port text.
+fn split_host_port<'a>(key: &str, s: &'a str) -> Result<(&'a str, &'a str), ConfigError> {
+    let bad = |why: &str| err(key, format!("{s:?} is not HOST:PORT ({why})"));
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| bad("no closing bracket"))?;
+        let port = after.strip_prefix(':').ok_or_else(|| bad("no port"))?;
+        Ok((host, port))
+    } else {
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        if host.contains(':') {
+            return Err(bad("an IPv6 address goes in brackets, e.g. [::1]:50052"));
+        }
+        Ok((host, port))
+    }
+}
+
+fn parse_port(key: &str, whole: &str, text: &str, zero_ok: bool) -> Result<u16, ConfigError> {
+    match text.parse::<u16>() {
+        Ok(0) if !zero_ok => Err(err(key, format!("{whole:?}: port 0 is not a backend port"))),
+        Ok(p) => Ok(p),
+        Err(_) => Err(err(
+            key,
+            format!("{whole:?}: {text:?} is not a port (1-65535)"),
+        )),
+    }
+}
+
+fn resolve(key: &str, whole: &str, host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+    if host.is_empty() {
+        return Err(err(key, format!("{whole:?} has no host")));
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| err(key, format!("cannot resolve {host:?}: {e}")))?
+        .next()
+        .ok_or_else(|| err(key, format!("{host:?} resolves to no address")))
+}
+
+/// One `HOST:PORT` address.
+fn resolve_one(key: &str, s: &str, zero_ok: bool) -> Result<SocketAddr, ConfigError> {
+    let (host, port) = split_host_port(key, s.trim())?;
+    let port = parse_port(key, s, port, zero_ok)?;
+    resolve(key, s, host, port)
+}
+
+/// One `backends` entry: `HOST:PORT` or `HOST:P1-P2`.
+fn parse_backend(key: &str, s: &str) -> Result<Vec<BackendSpec>, ConfigError> {
+    let s = s.trim();
+    let (host, ports) = split_host_port(key, s)?;
+    let (first, last) = match ports.split_once('-') {
+        Some((a, b)) => (parse_port(key, s, a, false)?, parse_port(key, s, b, false)?),
+        None => {
+            let p = parse_port(key, s, ports, false)?;
+            (p, p)
+        }
+    };
+    if first > last {
+        return Err(err(
+            key,
+            format!("{s:?}: the range {first}-{last} runs backwards"),
+        ));
+    }
+    if u32::from(last - first) >= MAX_RANGE_PORTS {
+        return Err(err(
+            key,
+            format!("{s:?}: a range of more than {MAX_RANGE_PORTS} ports is not allowed"),
+        ));
+    }
+    let shown_host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let base = resolve(key, s, host, first)?;
+    Ok((first..=last)
+        .map(|port| BackendSpec {
+            name: format!("{shown_host}:{port}"),
+            addr: SocketAddr::new(base.ip(), port),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn opts(backends: &[&str]) -> Opts {
+        Opts {
+            backends: backends.iter().map(|s| s.to_string()).collect(),
+            ..Opts::default()
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .unwrap_or_else(|e| panic!("temp file: {e}"));
+        f.write_all(text.as_bytes())
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        f
+    }
+
+    fn load_err(o: &Opts, e: &HashMap<String, String>) -> ConfigError {
+        match load(o, e) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load(&opts(&["127.0.0.1:50052"]), &env(&[])).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listener.addr.to_string(), "[::]:50051");
+        assert_eq!(c.listener.max_connections, 10_000);
+        assert_eq!(c.mode, Mode::L4);
+        assert_eq!(c.balance, Balance::LeastConn);
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.l4.connect_attempts, 3);
+        assert_eq!(c.admin, None);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn port_ranges_expand() {
+        let c = load(&opts(&["127.0.0.1:50052-50055", "[::1]:7000"]), &env(&[]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<&str> = c.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "127.0.0.1:50052",
+                "127.0.0.1:50053",
+                "127.0.0.1:50054",
+                "127.0.0.1:50055",
+                "[::1]:7000"
+            ]
+        );
+        assert_eq!(c.backends[4].addr.to_string(), "[::1]:7000");
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let f = toml_file(
+            "listen = \"127.0.0.1:1000\"\nbalance = \"p2c\"\nmax_connections = 5\nbackends = [\"127.0.0.1:9\"]\n[ejection]\nbase_time = \"1s\"\n",
+        );
+        let mut o = opts(&[]);
+        o.config = Some(f.path().to_path_buf());
+        o.listen = Some("127.0.0.1:3000".into());
+        let e = env(&[
+            ("PORTSHARE_LISTEN", "127.0.0.1:2000"),
+            ("PORTSHARE_BALANCE", "round-robin"),
+            ("PORTSHARE_EJECTION__MAX_TIME", "9s"),
+            ("PORTSHARE_BACKENDS", "127.0.0.1:7,127.0.0.1:8"),
+            ("PORTSHARE_LOG", "debug"),
+            ("PORTSHARE_PORT", "1"),
+        ]);
+        let c = load(&o, &e).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listener.addr.to_string(), "127.0.0.1:3000");
+        assert_eq!(c.balance, Balance::RoundRobin);
+        assert_eq!(c.listener.max_connections, 5);
+        assert_eq!(c.ejection.base_time, Duration::from_secs(1));
+        assert_eq!(c.ejection.max_time, Duration::from_secs(9));
+        assert_eq!(c.backends.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let f = toml_file("backends = [\"127.0.0.1:9\"]\nlisten_addr = \"x\"\n");
+        let mut o = opts(&[]);
+        o.config = Some(f.path().to_path_buf());
+        assert_eq!(load_err(&o, &env(&[])).key, "listen_addr");
+        let f = toml_file("backends = [\"127.0.0.1:9\"]\n[ejection]\nbase = \"1s\"\n");
+        o.config = Some(f.path().to_path_buf());
+        assert_eq!(load_err(&o, &env(&[])).key, "ejection.base");
+        let e = load_err(
+            &opts(&["127.0.0.1:9"]),
+            &env(&[("PORTSHARE_LISTENING", "x")]),
+        );
+        assert_eq!(e.key, "listening");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            (&[], &[], "backends"),
+            (&["127.0.0.1"], &[], "backends[0]"),
+            (&["127.0.0.1:x"], &[], "backends[0]"),
+            (&["127.0.0.1:0"], &[], "backends[0]"),
+            (&["127.0.0.1:9", "127.0.0.1:9"], &[], "backends[1]"),
+            (&["127.0.0.1:9-2"], &[], "backends[0]"),
+            (&["127.0.0.1:1000-9000"], &[], "backends[0]"),
+            (&["::1:9"], &[], "backends[0]"),
+            (&["127.0.0.1:9"], &[("PORTSHARE_LISTEN", "nope")], "listen"),
+            (&["127.0.0.1:9"], &[("PORTSHARE_MODE", "l7")], "mode"),
+            (
+                &["127.0.0.1:9"],
+                &[("PORTSHARE_BALANCE", "random")],
+                "balance",
+            ),
+            (
+                &["127.0.0.1:9"],
+                &[("PORTSHARE_DRAIN_TIMEOUT", "soon")],
+                "drain_timeout",
+            ),
+            (
+                &["127.0.0.1:9"],
+                &[("PORTSHARE_MAX_CONNECTIONS", "0")],
+                "max_connections",
+            ),
+            (
+                &["127.0.0.1:9"],
+                &[("PORTSHARE_MAX_CONNECTIONS", "many")],
+                "max_connections",
+            ),
+            (
+                &["127.0.0.1:9"],
+                &[("PORTSHARE_CONNECT_ATTEMPTS", "0")],
+                "connect_attempts",
+            ),
+            (
+                &["127.0.0.1:9"],
+                &[("PORTSHARE_IDLE_TIMEOUT", "0s")],
+                "idle_timeout",
+            ),
+            (
+                &["127.0.0.1:9"],
+                &[("PORTSHARE_LOG_FORMAT", "xml")],
+                "log_format",
+            ),
+            (&["127.0.0.1:9"], &[("PORTSHARE_ADMIN", "1.2.3.4")], "admin"),
+            (
+                &["127.0.0.1:9"],
+                &[("PORTSHARE_EJECTION__MAX_TIME", "1ms")],
+                "ejection.max_time",
+            ),
+        ];
+        for (backends, vars, key) in cases {
+            let e = load_err(&opts(backends), &env(vars));
+            assert_eq!(&e.key, key, "{backends:?} {vars:?}: {e}");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_and_broken_files_are_reported_against_config() {
+        let mut o = opts(&["127.0.0.1:9"]);
+        o.config = Some("/nonexistent/portshare.toml".into());
+        let e = load_err(&o, &env(&[]));
+        assert_eq!(e.key, "--config");
+        assert!(e.problem.contains("/nonexistent/portshare.toml"), "{e}");
+        let f = toml_file("listen = [\n");
+        o.config = Some(f.path().to_path_buf());
+        let e = load_err(&o, &env(&[]));
+        assert_eq!(e.key, "--config");
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn effective_config_round_trips_through_toml() {
+        let c =
+            load(&opts(&["127.0.0.1:50052-50053"]), &env(&[])).unwrap_or_else(|e| panic!("{e}"));
+        let text = c.to_toml();
+        let f = toml_file(&text);
+        let o = Opts {
+            config: Some(f.path().to_path_buf()),
+            ..Opts::default()
+        };
+        let again = load(&o, &env(&[])).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(again.to_toml(), text);
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let o = Opts {
+            config: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/config/portshare.toml").into()),
+            ..Opts::default()
+        };
+        load(&o, &env(&[])).unwrap_or_else(|e| panic!("config/portshare.toml: {e}"));
+    }
+}

@@ -1,0 +1,155 @@
+//! portshare: one listener that accepts gRPC (HTTP/2) connections and balances them over
+//! worker processes on distinct ports — on Linux, macOS and Windows.
+//!
+//! # Layout
+//! In data-path order:
+//! - [`cli`]: the command line, mirroring the config keys.
+//! - [`config`]: defaults < TOML file < `PORTSHARE_*` env < flags, validated into [`config::Config`].
+//! - [`shutdown`]: signals, the stop token and task tracker, the bounded drain.
+//! - [`listener`]: bind, permit before accept, accept backoff, one task per connection.
+//! - [`balance`]: round-robin, least-conn and p2c over a list of candidates.
+//! - [`backend`]: the shared backend set: addresses, load, passive ejection.
+//! - [`l4`]: pick → connect (timeout, retry elsewhere) → copy both ways.
+//! - [`backoff`]: the one jittered exponential backoff.
+//! - [`metrics`]: metric names, described once; the Prometheus recorder.
+//! - [`admin`]: `/healthz`, `/readyz`, `/backends`, `/metrics`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod backend;
+pub mod backoff;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod l4;
+pub mod listener;
+pub mod metrics;
+pub mod shutdown;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::BackendSet;
+use crate::balance::Balancer;
+use crate::config::{Config, Mode};
+use crate::l4::{L4Proxy, TcpConnect};
+use crate::shutdown::{Drained, Shutdown};
+
+/// A run-time failure (configuration errors are [`config::ConfigError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({role}): {source}")]
+    Bind {
+        /// `proxy` or `admin`.
+        role: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] io::Error),
+    /// The metrics recorder could not be installed.
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+}
+
+/// The bound sockets `run` serves: the binary binds the configured addresses, tests bind
+/// port 0 and read the real ones back.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The public listener.
+    pub proxy: TcpListener,
+    /// The admin listener, if enabled.
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the listeners `config` asks for. Needs a running tokio runtime.
+    pub fn bind(config: &Config) -> Result<Self, Error> {
+        let bind =
+            |role, addr| listener::bind(addr).map_err(|source| Error::Bind { role, addr, source });
+        Ok(Self {
+            proxy: bind("proxy", config.listener.addr)?,
+            admin: config.admin.map(|a| bind("admin", a)).transpose()?,
+        })
+    }
+}
+
+fn log_bound(role: &'static str, l: &TcpListener) {
+    match l.local_addr() {
+        Ok(addr) => tracing::info!(listener = role, %addr, "listening"),
+        Err(e) => tracing::warn!(listener = role, error = %e, "listening, address unknown"),
+    }
+}
+
+/// Serves until `shutdown` begins, then drains for up to the configured drain timeout.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    prometheus: Option<PrometheusHandle>,
+) -> Result<(), Error> {
+    let backends = Arc::new(BackendSet::new(config.backends.clone(), config.ejection));
+    log_bound("proxy", &listeners.proxy);
+    let admin_stop = CancellationToken::new();
+    let admin = listeners.admin.map(|l| {
+        log_bound("admin", &l);
+        let state = admin::AdminState {
+            backends: Arc::clone(&backends),
+            prometheus,
+            draining: shutdown.stop_token().clone(),
+        };
+        tokio::spawn(admin::serve(l, state, admin_stop.clone()))
+    });
+    tracing::info!(
+        mode = %config.mode,
+        balance = %config.balance,
+        backends = config.backends.len(),
+        "serving"
+    );
+    match config.mode {
+        Mode::L4 => {
+            let proxy = Arc::new(L4Proxy::new(
+                config.l4.clone(),
+                Arc::clone(&backends),
+                Balancer::new(config.balance),
+                TcpConnect,
+            ));
+            let abort = shutdown.abort_token().clone();
+            listener::serve(
+                listeners.proxy,
+                &config.listener,
+                &shutdown,
+                move |stream, _peer| {
+                    let proxy = Arc::clone(&proxy);
+                    let abort = abort.clone();
+                    async move { proxy.handle(stream, &abort).await }
+                },
+            )
+            .await;
+        }
+    }
+    let open = shutdown.tracker().len();
+    tracing::info!(open, timeout = ?config.drain_timeout, "stopped accepting; draining");
+    match shutdown.drain(config.drain_timeout).await {
+        Drained::Clean => tracing::info!("drained; every connection finished"),
+        Drained::Forced(left) => {
+            tracing::warn!(left, "drain time over; closed the connections still open")
+        }
+    }
+    admin_stop.cancel();
+    if let Some(task) = admin {
+        let _ = task.await;
+    }
+    Ok(())
+}

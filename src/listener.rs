@@ -1,0 +1,211 @@
+//! The public listener: binding, the connection limit (a permit is taken *before* accept,
+//! so a flood waits in the kernel's backlog instead of in our memory), accept errors backed
+//! off, and one tracked task per connection.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Gauge, counter, gauge};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::metrics as m;
+use crate::shutdown::Shutdown;
+
+/// The kernel queue of connections not yet accepted; where a flood waits while every
+/// permit is taken. Linux caps it at `net.core.somaxconn` anyway.
+const BACKLOG: i32 = 1024;
+
+/// First pause after an accept error such as EMFILE: long enough for a connection to close
+/// and free a descriptor, short enough that service resumes promptly.
+const ACCEPT_BACKOFF_BASE: Duration = Duration::from_millis(10);
+
+/// Longest pause between accept attempts while the error persists.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Settings of the public listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Client connections held at once; beyond that, new ones wait in the backlog.
+    pub max_connections: usize,
+}
+
+/// Binds a TCP listener. An unspecified IPv6 address (`[::]`) also accepts IPv4 on every
+/// platform (Windows defaults to IPv6-only). Needs a running tokio runtime.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // On Unix, SO_REUSEADDR lets a restarted portshare bind while old connections sit in
+    // TIME_WAIT. On Windows it would let another process steal the port, so it stays off.
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Errors that concern one connection that died in the queue, not the listener: the loop
+/// simply accepts the next one.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// Lowers the active-connection gauge when a connection task ends, however it ends.
+struct ActiveConnection(Gauge);
+
+impl ActiveConnection {
+    fn new() -> Self {
+        let g = gauge!(m::CONNECTIONS_ACTIVE);
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Accepts connections until shutdown begins, running `handle` for each one on a tracked
+/// task. Returns once the listener has stopped accepting; the tasks go on.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    config: &ListenerConfig,
+    shutdown: &Shutdown,
+    handle: H,
+) where
+    H: Fn(TcpStream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let stop = shutdown.stop_token();
+    let accepted = counter!(m::CONNECTIONS_ACCEPTED);
+    let accept_errors = counter!(m::ACCEPT_ERRORS);
+    let mut backoff = Backoff::new(ACCEPT_BACKOFF_BASE, ACCEPT_BACKOFF_MAX);
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let result = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match result {
+            Ok(conn) => conn,
+            Err(e) if is_connection_error(&e) => {
+                tracing::debug!(error = %e, "a connection died before it was accepted");
+                continue;
+            }
+            Err(e) => {
+                accept_errors.increment(1);
+                let pause = backoff.next_delay();
+                tracing::warn!(error = %e, pause = ?pause, "accept failed; pausing before the next accept");
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(pause) => continue,
+                }
+            }
+        };
+        backoff.reset();
+        accepted.increment(1);
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY on a client connection");
+        }
+        let span = tracing::debug_span!("conn", %peer);
+        let task = handle(stream, peer);
+        shutdown.tracker().spawn(
+            async move {
+                let _permit = permit;
+                let _active = ActiveConnection::new();
+                task.await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn the_permit_is_taken_before_accept() {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = ListenerConfig {
+            addr,
+            max_connections: 1,
+        };
+        let shutdown = Shutdown::new();
+        let release = tokio_util::sync::CancellationToken::new();
+        let served = {
+            let shutdown = shutdown.clone();
+            let release = release.clone();
+            tokio::spawn(async move {
+                serve(listener, &config, &shutdown, move |mut s, _| {
+                    let release = release.clone();
+                    async move {
+                        let _ = s.write_all(b"hi").await;
+                        release.cancelled().await;
+                    }
+                })
+                .await;
+            })
+        };
+        let mut first = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 2];
+        first.read_exact(&mut buf).await.expect("greeting");
+        // The second connection completes in the kernel backlog but is not served...
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        let waited =
+            tokio::time::timeout(Duration::from_millis(200), second.read_exact(&mut buf)).await;
+        assert!(waited.is_err(), "served beyond max_connections");
+        // ...until the first one's permit is released.
+        release.cancel();
+        second
+            .read_exact(&mut buf)
+            .await
+            .expect("served after release");
+        shutdown.begin();
+        served.await.expect("serve loop ends on shutdown");
+    }
+
+    #[tokio::test]
+    async fn an_unspecified_ipv6_listener_also_accepts_ipv4() {
+        let Ok(listener) = bind("[::]:0".parse().expect("addr")) else {
+            return; // no IPv6 on this machine
+        };
+        let port = listener.local_addr().expect("addr").port();
+        let (accepted, connected) = tokio::join!(
+            listener.accept(),
+            TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        );
+        assert!(accepted.is_ok() && connected.is_ok());
+    }
+}

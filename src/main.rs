@@ -1,0 +1,106 @@
+//! The `portshare` binary: flags → configuration → logging and metrics → [`portshare::run`].
+//! Errors are one line on stderr; exit codes: 0 clean, 64 bad configuration or usage,
+//! 1 run-time failure.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use portshare::cli::{Cli, Command};
+use portshare::config::{self, Config, LogFormat};
+use portshare::shutdown::{Shutdown, Signals};
+use portshare::{Error, Listeners};
+use tracing_subscriber::EnvFilter;
+
+/// EX_USAGE from sysexits.h: the command was used incorrectly.
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid usage");
+            eprintln!(
+                "portshare: {} (see portshare --help)",
+                first.trim_start_matches("error: ")
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let env: HashMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let config = match config::load(&cli.opts, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("portshare: invalid configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(
+        config.log_format,
+        env.get("PORTSHARE_LOG").map(String::as_str),
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portshare: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portshare: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), Error> {
+    let prometheus = portshare::metrics::install()?;
+    let signals = Signals::new().map_err(Error::Signals)?;
+    let shutdown = Shutdown::new();
+    let listeners = Listeners::bind(&config)?;
+    tokio::spawn(signals.watch(shutdown.clone()));
+    portshare::run(config, listeners, shutdown, Some(prometheus)).await
+}
+
+/// Logs go to stderr: text for people (coloured only on a terminal) or JSON for collectors;
+/// `PORTSHARE_LOG` is the filter (e.g. `debug`, `portshare=trace`), `info` by default.
+fn init_logging(format: LogFormat, filter: Option<&str>) {
+    let filter = filter.unwrap_or("info");
+    let (filter, bad_filter) = match EnvFilter::try_new(filter) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            EnvFilter::new("info"),
+            Some(format!(
+                "PORTSHARE_LOG={filter:?} is not a log filter ({e}); using info"
+            )),
+        ),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    if let Some(msg) = bad_filter {
+        tracing::warn!("{msg}");
+    }
+}

@@ -1,0 +1,76 @@
+//! Metric names, described once at start-up, and the Prometheus recorder.
+//!
+//! Names follow Prometheus conventions: a `portshare_` prefix, base units (`_bytes`,
+//! `_seconds`) and `_total` on counters. Everything that records a metric uses these
+//! constants, so the list below is the complete catalogue.
+
+use metrics::{Unit, describe_counter, describe_gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Client connections accepted by the public listener.
+pub const CONNECTIONS_ACCEPTED: &str = "portshare_connections_accepted_total";
+/// Client connections open right now.
+pub const CONNECTIONS_ACTIVE: &str = "portshare_connections_active";
+/// Client connections that ended with an error, by `side` (client/backend) and `reason`.
+pub const CONNECTIONS_FAILED: &str = "portshare_connections_failed_total";
+/// Errors from `accept` itself (e.g. out of file descriptors).
+pub const ACCEPT_ERRORS: &str = "portshare_accept_errors_total";
+/// Connections opened to each backend.
+pub const BACKEND_CONNECTIONS: &str = "portshare_backend_connections_total";
+/// Proxied connections open to each backend right now (read at scrape time).
+pub const BACKEND_ACTIVE: &str = "portshare_backend_connections_active";
+/// Failed connects to each backend, by `reason` (refused/timeout/other).
+pub const BACKEND_CONNECT_ERRORS: &str = "portshare_backend_connect_errors_total";
+/// Connects tried again on another backend after a failure the client never saw.
+pub const CONNECT_RETRIES: &str = "portshare_connect_retries_total";
+/// Times each backend was passively ejected after a failure.
+pub const BACKEND_EJECTIONS: &str = "portshare_backend_ejections_total";
+/// 1 when a backend may be picked now, 0 when it is ejected (read at scrape time).
+pub const BACKEND_UP: &str = "portshare_backend_up";
+/// Bytes copied from clients to each backend.
+pub const BACKEND_SENT_BYTES: &str = "portshare_backend_sent_bytes_total";
+/// Bytes copied from each backend to its clients.
+pub const BACKEND_RECEIVED_BYTES: &str = "portshare_backend_received_bytes_total";
+
+/// Installs the process-wide Prometheus recorder and describes every metric once.
+/// Call it once, before any component records; the handle renders `/metrics`.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = PrometheusBuilder::new().install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(CONNECTIONS_ACCEPTED, "Client connections accepted.");
+    describe_gauge!(CONNECTIONS_ACTIVE, "Client connections open now.");
+    describe_counter!(
+        CONNECTIONS_FAILED,
+        "Client connections that ended with an error, by side and reason."
+    );
+    describe_counter!(ACCEPT_ERRORS, "Errors returned by accept.");
+    describe_counter!(BACKEND_CONNECTIONS, "Connections opened to each backend.");
+    describe_gauge!(
+        BACKEND_ACTIVE,
+        "Proxied connections open to each backend now."
+    );
+    describe_counter!(
+        BACKEND_CONNECT_ERRORS,
+        "Failed connects to each backend, by reason."
+    );
+    describe_counter!(
+        CONNECT_RETRIES,
+        "Connects retried on another backend after a failure."
+    );
+    describe_counter!(BACKEND_EJECTIONS, "Passive ejections of each backend.");
+    describe_gauge!(BACKEND_UP, "1 if the backend may be picked now, else 0.");
+    describe_counter!(
+        BACKEND_SENT_BYTES,
+        Unit::Bytes,
+        "Bytes copied from clients to each backend."
+    );
+    describe_counter!(
+        BACKEND_RECEIVED_BYTES,
+        Unit::Bytes,
+        "Bytes copied from each backend to clients."
+    );
+}

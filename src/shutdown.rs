@@ -1,0 +1,178 @@
+//! Shutdown: the signals that start it, one stop token and one task tracker shared by every
+//! component, and the bounded drain that ends it.
+
+use std::io;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// After the drain timeout, connections still open are told to close; this is how long
+/// they get to do so before `run` returns regardless (closing a socket is immediate, so
+/// this only covers tasks busy elsewhere).
+const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// The shared shutdown state: cheap to clone, one per process (or per test instance).
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Cancelled when shutdown begins: listeners stop accepting.
+    stop: CancellationToken,
+    /// Cancelled when the drain time is over (or on a second signal): open connections close.
+    abort: CancellationToken,
+    /// Every connection task, so the drain can wait for them.
+    tracker: TaskTracker,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every connection finished by itself.
+    Clean,
+    /// This many connections were still open when the drain timeout ran out.
+    Forced(usize),
+}
+
+impl Shutdown {
+    /// A fresh state: nothing stopped yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Begins a graceful shutdown: listeners stop accepting, open connections go on.
+    pub fn begin(&self) {
+        self.stop.cancel();
+    }
+
+    /// Closes open connections now, without waiting for the drain timeout.
+    pub fn abort(&self) {
+        self.stop.cancel();
+        self.abort.cancel();
+    }
+
+    /// Cancelled when shutdown begins.
+    pub fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Cancelled when open connections must close.
+    pub fn abort_token(&self) -> &CancellationToken {
+        &self.abort
+    }
+
+    /// Tracks connection tasks.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Waits up to `timeout` for every tracked task to finish, then closes what is left.
+    pub async fn drain(&self, timeout: Duration) -> Drained {
+        self.tracker.close();
+        tokio::select! {
+            () = self.tracker.wait() => return Drained::Clean,
+            () = tokio::time::sleep(timeout) => {}
+            () = self.abort.cancelled() => {}
+        }
+        let left = self.tracker.len();
+        self.abort.cancel();
+        let _ = tokio::time::timeout(ABORT_GRACE, self.tracker.wait()).await;
+        Drained::Forced(left)
+    }
+}
+
+/// The signals that ask portshare to stop: SIGTERM and SIGINT on Unix, Ctrl-C and
+/// Ctrl-Break on Windows. Created before the listeners are bound, so a signal that arrives
+/// as soon as the listening address is logged is already handled.
+#[derive(Debug)]
+pub struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(windows)]
+    ctrl_c: tokio::signal::windows::CtrlC,
+    #[cfg(windows)]
+    ctrl_break: tokio::signal::windows::CtrlBreak,
+}
+
+impl Signals {
+    /// Installs the handlers; needs a running tokio runtime.
+    #[cfg(unix)]
+    pub fn new() -> io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Installs the handlers; needs a running tokio runtime.
+    #[cfg(windows)]
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            ctrl_c: tokio::signal::windows::ctrl_c()?,
+            ctrl_break: tokio::signal::windows::ctrl_break()?,
+        })
+    }
+
+    /// Waits for the next stop signal and returns its name.
+    #[cfg(unix)]
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    /// Waits for the next stop signal and returns its name.
+    #[cfg(windows)]
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.ctrl_c.recv() => "Ctrl-C",
+            _ = self.ctrl_break.recv() => "Ctrl-Break",
+        }
+    }
+
+    /// The first signal begins a graceful shutdown; a second one closes everything now,
+    /// as people who press Ctrl-C twice expect.
+    pub async fn watch(mut self, shutdown: Shutdown) {
+        let first = self.recv().await;
+        tracing::info!(
+            signal = first,
+            "shutting down: no new connections, open ones may finish"
+        );
+        shutdown.begin();
+        let second = self.recv().await;
+        tracing::warn!(
+            signal = second,
+            "second signal: closing open connections now"
+        );
+        shutdown.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_tasks_that_finish_in_time() {
+        let s = Shutdown::new();
+        s.tracker()
+            .spawn(tokio::time::sleep(Duration::from_secs(5)));
+        assert_eq!(s.drain(Duration::from_secs(10)).await, Drained::Clean);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_aborts_what_outlives_the_timeout() {
+        let s = Shutdown::new();
+        let abort = s.abort_token().clone();
+        let task = s.tracker().spawn(async move {
+            tokio::select! {
+                () = abort.cancelled() => "aborted",
+                () = tokio::time::sleep(Duration::from_secs(3600)) => "finished",
+            }
+        });
+        assert_eq!(s.drain(Duration::from_secs(1)).await, Drained::Forced(1));
+        assert_eq!(task.await.ok(), Some("aborted"));
+    }
+}
