@@ -85,6 +85,9 @@ pub enum L4Error {
         /// The last failure, naming its backend.
         last: String,
     },
+    /// This process ran out of something (file descriptors, local ports) while connecting.
+    #[error("cannot open a connection to a backend here: {0}")]
+    Local(#[source] io::Error),
     /// Reading or writing failed after the connection was set up.
     #[error("{} side of the connection to {backend} failed: {source}", side.as_str())]
     Copy {
@@ -103,6 +106,8 @@ impl L4Error {
     pub fn side(&self) -> Side {
         match self {
             L4Error::NoBackend { .. } => Side::Backend,
+            // Not the client's doing, but no backend's either: logged loudly, like a backend fault.
+            L4Error::Local(_) => Side::Backend,
             L4Error::Copy { side, .. } => *side,
         }
     }
@@ -111,6 +116,7 @@ impl L4Error {
     pub fn reason(&self) -> &'static str {
         match self {
             L4Error::NoBackend { .. } => "no_backend",
+            L4Error::Local(_) => "local_resources",
             L4Error::Copy { .. } => "io",
         }
     }
@@ -258,6 +264,11 @@ impl<C: Connect> L4Proxy<C> {
                     self.backends.connect_succeeded(backend);
                     return Ok((stream, guard));
                 }
+                Ok(Err(e)) if is_local_shortage(&e) => {
+                    // Out of descriptors or ports here: no backend is at fault, so none is
+                    // ejected and no other is tried; this client waits for better times.
+                    return Err(L4Error::Local(e));
+                }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     (ConnectFailure::Refused, e.to_string())
                 }
@@ -285,6 +296,22 @@ impl<C: Connect> L4Proxy<C> {
             last,
         })
     }
+}
+
+/// Whether a connect failed for want of local resources rather than because of the backend.
+fn is_local_shortage(e: &io::Error) -> bool {
+    if e.kind() == io::ErrorKind::AddrNotAvailable {
+        // Out of ephemeral ports (EADDRNOTAVAIL).
+        return true;
+    }
+    // EMFILE and ENFILE have no ErrorKind of their own; their numbers are the same on
+    // Linux, macOS and the BSDs. Windows reports WSAEMFILE.
+    #[cfg(unix)]
+    const OUT_OF_FDS: [i32; 2] = [23, 24];
+    #[cfg(windows)]
+    const OUT_OF_FDS: [i32; 1] = [10024];
+    e.raw_os_error()
+        .is_some_and(|code| OUT_OF_FDS.contains(&code))
 }
 
 /// When bytes last moved on a connection, in milliseconds since it started; both copy

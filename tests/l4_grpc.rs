@@ -1,0 +1,336 @@
+//! l4 mode end to end: real Python grpcio workers behind the real binary, driven by real
+//! Python grpcio clients.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use support::{
+    Proxy, Worker, client, client_result, client_spawn, closed_port, eventually, spread_counts,
+    unary_ok,
+};
+
+fn backends_args(workers: &[Worker]) -> Vec<String> {
+    workers
+        .iter()
+        .flat_map(|w| ["--backend".to_owned(), w.addr()])
+        .collect()
+}
+
+fn start_proxy(workers: &[Worker], extra: &[&str]) -> Proxy {
+    let mut args = backends_args(workers);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proxy::start(&refs)
+}
+
+#[test]
+fn every_kind_of_call_goes_through() {
+    let workers = Worker::start_many(&["a", "b"]);
+    let proxy = start_proxy(&workers, &[]);
+    let t = proxy.target();
+
+    let r = unary_ok(&t);
+    assert_eq!(r["payload_ok"], true, "{r}");
+
+    let r = client(&["server-stream", "--target", &t, "--count", "200"]);
+    assert_eq!(
+        (
+            r["code"].as_str(),
+            r["received"].as_u64(),
+            r["in_order"].as_bool()
+        ),
+        (Some("OK"), Some(200), Some(true)),
+        "{r}"
+    );
+
+    let r = client(&[
+        "client-stream",
+        "--target",
+        &t,
+        "--count",
+        "100",
+        "--payload-size",
+        "1000",
+    ]);
+    assert_eq!(
+        (
+            r["code"].as_str(),
+            r["seq"].as_u64(),
+            r["payload_ok"].as_bool()
+        ),
+        (Some("OK"), Some(100), Some(true)),
+        "{r}"
+    );
+
+    let r = client(&["bidi", "--target", &t, "--count", "1000"]);
+    assert_eq!(
+        (
+            r["code"].as_str(),
+            r["received"].as_u64(),
+            r["in_order"].as_bool()
+        ),
+        (Some("OK"), Some(1000), Some(true)),
+        "{r}"
+    );
+
+    // Byte counters moved in both directions, per backend.
+    let sent: f64 = workers
+        .iter()
+        .map(|w| {
+            proxy.metric(&format!(
+                "portshare_backend_sent_bytes_total{{backend=\"{}\"}}",
+                w.addr()
+            ))
+        })
+        .sum();
+    let received: f64 = workers
+        .iter()
+        .map(|w| {
+            proxy.metric(&format!(
+                "portshare_backend_received_bytes_total{{backend=\"{}\"}}",
+                w.addr()
+            ))
+        })
+        .sum();
+    assert!(
+        sent > 100_000.0 && received > 10_000.0,
+        "sent {sent}, received {received}"
+    );
+}
+
+#[test]
+fn an_8_mib_message_arrives_byte_exact_both_ways() {
+    let workers = Worker::start_many(&["a"]);
+    let proxy = start_proxy(&workers, &[]);
+    let r = client(&[
+        "unary",
+        "--target",
+        &proxy.target(),
+        "--payload-size",
+        "8388608",
+    ]);
+    assert_eq!(
+        (
+            r["code"].as_str(),
+            r["payload_len"].as_u64(),
+            r["payload_ok"].as_bool()
+        ),
+        (Some("OK"), Some(8 << 20), Some(true)),
+        "{r}"
+    );
+    let r = client(&[
+        "unary",
+        "--target",
+        &proxy.target(),
+        "--payload-size",
+        "10",
+        "--reply-size",
+        "8388608",
+    ]);
+    assert_eq!(
+        (
+            r["code"].as_str(),
+            r["payload_len"].as_u64(),
+            r["payload_ok"].as_bool()
+        ),
+        (Some("OK"), Some(8 << 20), Some(true)),
+        "{r}"
+    );
+}
+
+#[test]
+fn metadata_status_and_details_pass_unchanged() {
+    let workers = Worker::start_many(&["meta"]);
+    let proxy = start_proxy(&workers, &[]);
+    let t = proxy.target();
+
+    let r = client(&[
+        "unary",
+        "--target",
+        &t,
+        "--metadata",
+        "x-request-id=abc123",
+        "--metadata",
+        "x-tenant=blue",
+    ]);
+    assert_eq!(r["code"], "OK", "{r}");
+    assert_eq!(r["metadata"]["x-request-id"], "abc123", "{r}");
+    assert_eq!(r["metadata"]["x-tenant"], "blue", "{r}");
+    assert_eq!(r["initial_metadata"]["x-worker"], "meta", "{r}");
+    assert_eq!(r["trailing_metadata"]["x-trailer"], "done-meta", "{r}");
+
+    let r = client(&[
+        "unary",
+        "--target",
+        &t,
+        "--fail-code",
+        "9",
+        "--fail-message",
+        "not today: precondition",
+    ]);
+    assert_eq!(r["code"], "FAILED_PRECONDITION", "{r}");
+    assert_eq!(r["details"], "not today: precondition", "{r}");
+    assert_eq!(
+        r["trailing_metadata"]["x-error-detail"], "not today: precondition",
+        "{r}"
+    );
+    assert_eq!(r["trailing_metadata"]["x-error-bin"], "0001feff", "{r}");
+}
+
+#[test]
+fn a_deadline_is_exceeded_on_a_slow_worker() {
+    let workers = Worker::start_many(&["slow"]);
+    let proxy = start_proxy(&workers, &[]);
+    let r = client(&[
+        "unary",
+        "--target",
+        &proxy.target(),
+        "--sleep-ms",
+        "5000",
+        "--timeout",
+        "0.5",
+    ]);
+    assert_eq!(r["code"], "DEADLINE_EXCEEDED", "{r}");
+    // The deadline travelled through the proxy: the worker itself gave up on the call.
+    eventually(
+        Duration::from_secs(10),
+        "the worker sees the call cancelled",
+        || workers[0].log.contains("CANCELLED Unary"),
+    );
+    unary_ok(&proxy.target());
+}
+
+#[test]
+fn forty_channels_spread_over_all_four_backends() {
+    let workers = Worker::start_many(&["w0", "w1", "w2", "w3"]);
+    let proxy = start_proxy(&workers, &[]);
+    let r = client(&["spread", "--target", &proxy.target(), "--channels", "40"]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    let counts = spread_counts(&r);
+    assert_eq!(counts.len(), 4, "not every worker was reached: {counts:?}");
+    for (worker, n) in &counts {
+        assert!(*n >= 4, "{worker} got only {n} of 40: {counts:?}");
+    }
+    let accepted = proxy.metric("portshare_connections_accepted_total");
+    assert!(accepted >= 40.0, "accepted {accepted}");
+}
+
+#[test]
+fn other_balancers_spread_too() {
+    let workers = Worker::start_many(&["r0", "r1", "r2"]);
+    for balance in ["round-robin", "p2c"] {
+        let proxy = start_proxy(&workers, &["--balance", balance]);
+        let r = client(&["spread", "--target", &proxy.target(), "--channels", "30"]);
+        assert_eq!(
+            r["errors"].as_array().map(Vec::len),
+            Some(0),
+            "{balance}: {r}"
+        );
+        assert_eq!(spread_counts(&r).len(), 3, "{balance}: {r}");
+    }
+}
+
+#[test]
+fn a_backend_that_is_down_is_skipped_without_a_failed_call() {
+    let workers = Worker::start_many(&["up0", "up1", "up2"]);
+    let dead = format!("127.0.0.1:{}", closed_port());
+    let proxy = start_proxy(&workers, &["--backend", &dead]);
+    let r = client(&["spread", "--target", &proxy.target(), "--channels", "30"]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    let reached: HashSet<String> = spread_counts(&r).into_keys().collect();
+    assert_eq!(reached.len(), 3, "{r}");
+
+    assert!(proxy.metric("portshare_connect_retries_total") >= 1.0);
+    let refused =
+        format!("portshare_backend_connect_errors_total{{backend=\"{dead}\",reason=\"refused\"}}");
+    assert!(proxy.metric(&refused) >= 1.0, "{refused}");
+    let backends = proxy.backends();
+    let entry = backends
+        .iter()
+        .find(|b| b["name"] == dead.as_str())
+        .expect("dead backend listed");
+    assert!(entry["ejections"].as_u64() >= Some(1), "{entry}");
+    assert!(entry["connect_failures"].as_u64() >= Some(1), "{entry}");
+    assert_eq!(entry["state"], "ejected", "{entry}");
+    assert_eq!(entry["active_connections"], 0, "{entry}");
+    let (status, _) = proxy.admin_get("/readyz");
+    assert_eq!(status, 200);
+    assert_eq!(proxy.admin_get("/healthz").0, 200);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_lets_an_in_flight_call_complete_and_exits_zero() {
+    let workers = Worker::start_many(&["drain"]);
+    let mut proxy = start_proxy(&workers, &["--drain-timeout", "20s"]);
+    let call = client_spawn(&["unary", "--target", &proxy.target(), "--sleep-ms", "2000"]);
+    eventually(
+        Duration::from_secs(30),
+        "the call reaches the worker",
+        || workers[0].log.contains("CALL Unary"),
+    );
+    support::signal(proxy.pid(), "TERM");
+    // While draining, readiness is withdrawn so an orchestrator stops sending work.
+    eventually(Duration::from_secs(5), "/readyz says draining", || {
+        proxy.admin_get("/readyz").0 == 503
+    });
+    let r = client_result(call);
+    assert_eq!(r["code"], "OK", "{r}");
+    let status = proxy
+        .wait(Duration::from_secs(20))
+        .expect("portshare exits after the drain");
+    assert_eq!(status.code(), Some(0));
+    assert!(proxy.log.contains("drained"), "{:?}", proxy.log.all());
+}
+
+#[cfg(unix)]
+#[test]
+fn the_drain_timeout_closes_what_is_left() {
+    let workers = Worker::start_many(&["stuck"]);
+    let mut proxy = start_proxy(&workers, &["--drain-timeout", "300ms"]);
+    let call = client_spawn(&[
+        "unary",
+        "--target",
+        &proxy.target(),
+        "--sleep-ms",
+        "20000",
+        "--timeout",
+        "60",
+    ]);
+    eventually(
+        Duration::from_secs(30),
+        "the call reaches the worker",
+        || workers[0].log.contains("CALL Unary"),
+    );
+    support::signal(proxy.pid(), "TERM");
+    let status = proxy
+        .wait(Duration::from_secs(10))
+        .expect("portshare exits when the drain time is over");
+    assert_eq!(status.code(), Some(0));
+    let r = client_result(call);
+    assert_eq!(r["code"], "UNAVAILABLE", "{r}");
+}
+
+#[test]
+fn max_connections_holds_the_excess_in_the_backlog() {
+    use std::net::TcpStream;
+    let workers = Worker::start_many(&["cap"]);
+    let proxy = start_proxy(&workers, &["--max-connections", "2"]);
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(proxy.addr).expect("connect"))
+        .collect();
+    eventually(Duration::from_secs(10), "both connections proxied", || {
+        proxy.metric("portshare_connections_active") >= 2.0
+    });
+    let r = client(&["unary", "--target", &proxy.target(), "--timeout", "1"]);
+    assert_ne!(r["code"], "OK", "a third connection was served: {r}");
+    drop(held);
+    eventually(
+        Duration::from_secs(10),
+        "the held connections close",
+        || proxy.metric("portshare_connections_active") == 0.0,
+    );
+    unary_ok(&proxy.target());
+}

@@ -1,0 +1,148 @@
+//! Bad input and awkward peers: each is followed by a normal call that must succeed, and the
+//! proxy stays up. Plus the byte-level guarantees of l4: half-close passed on, idle timeout.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use support::{Proxy, Worker, eventually, unary_ok};
+
+fn start(workers: &[Worker], extra: &[&str]) -> Proxy {
+    let mut args: Vec<String> = workers
+        .iter()
+        .flat_map(|w| ["--backend".to_owned(), w.addr()])
+        .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proxy::start(&refs)
+}
+
+/// Reads until the peer closes (or 10 s pass); returns what arrived.
+fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    got
+}
+
+#[test]
+fn garbage_bytes_then_a_normal_call() {
+    let workers = Worker::start_many(&["g"]);
+    let mut proxy = start(&workers, &[]);
+    let mut s = TcpStream::connect(proxy.addr).expect("connect");
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    s.write_all(&garbage).expect("send garbage");
+    read_until_closed(&mut s);
+    unary_ok(&proxy.target());
+    assert!(proxy.is_running());
+}
+
+#[test]
+fn an_http1_request_then_a_normal_call() {
+    let workers = Worker::start_many(&["h"]);
+    let mut proxy = start(&workers, &[]);
+    let mut s = TcpStream::connect(proxy.addr).expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
+        .expect("send");
+    read_until_closed(&mut s);
+    unary_ok(&proxy.target());
+    assert!(proxy.is_running());
+}
+
+#[test]
+fn a_silent_client_does_not_hold_up_others() {
+    let workers = Worker::start_many(&["s"]);
+    let mut proxy = start(&workers, &[]);
+    let silent: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(proxy.addr).expect("connect"))
+        .collect();
+    unary_ok(&proxy.target());
+    drop(silent);
+    unary_ok(&proxy.target());
+    assert!(proxy.is_running());
+}
+
+#[test]
+fn five_hundred_connections_opened_and_dropped_at_once() {
+    let workers = Worker::start_many(&["f0", "f1"]);
+    let mut proxy = start(&workers, &[]);
+    let conns: Vec<TcpStream> = (0..500)
+        .filter_map(|_| TcpStream::connect(proxy.addr).ok())
+        .collect();
+    assert!(
+        conns.len() >= 450,
+        "only {} of 500 connects succeeded",
+        conns.len()
+    );
+    drop(conns);
+    unary_ok(&proxy.target());
+    eventually(
+        Duration::from_secs(20),
+        "every dropped connection is closed",
+        || proxy.metric("portshare_connections_active") == 0.0,
+    );
+    // Nothing was blamed on the workers: a client hanging up is not a backend fault.
+    for b in proxy.backends() {
+        assert_eq!(b["ejections"], 0, "{b}");
+    }
+    assert!(proxy.is_running());
+}
+
+/// A backend that reads until the client's half-close, then answers with the byte count.
+fn counting_backend() -> (String, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let h = thread::spawn(move || {
+        if let Ok((mut s, _)) = l.accept() {
+            let mut got = Vec::new();
+            if s.read_to_end(&mut got).is_ok() {
+                let _ = write!(s, "got {} bytes", got.len());
+            }
+        }
+    });
+    (addr, h)
+}
+
+#[test]
+fn half_close_is_passed_on_both_ways() {
+    let (backend, served) = counting_backend();
+    let proxy = Proxy::start(&["--backend", &backend]);
+    let mut s = TcpStream::connect(proxy.addr).expect("connect");
+    s.write_all(b"hello").expect("send");
+    s.shutdown(Shutdown::Write).expect("half-close");
+    // The backend only answers after it saw our FIN; its own close must reach us as EOF.
+    let answer = read_until_closed(&mut s);
+    assert_eq!(String::from_utf8_lossy(&answer), "got 5 bytes");
+    served.join().expect("backend thread");
+}
+
+#[test]
+fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    // A backend that accepts and then says nothing, like a worker waiting for a request.
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend = l.local_addr().expect("addr").to_string();
+    let holder = thread::spawn(move || {
+        l.accept().map(|(s, _)| {
+            let mut s = s;
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        })
+    });
+    let proxy = Proxy::start(&["--backend", &backend, "--idle-timeout", "300ms"]);
+    let mut s = TcpStream::connect(proxy.addr).expect("connect");
+    s.write_all(b"ping").expect("send");
+    let started = std::time::Instant::now();
+    let got = read_until_closed(&mut s);
+    assert!(got.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "not closed by the idle timeout"
+    );
+    let _ = holder.join();
+}

@@ -1,0 +1,465 @@
+//! Test support: a Python venv with grpcio (created once under target/), real Python gRPC
+//! workers on free ports, a launcher for the real portshare binary, a Python gRPC client,
+//! and `eventually`, which polls instead of sleeping.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Generous: a cold venv install or a busy 2-core machine can make Python slow to start.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The repository's `tests/python` folder.
+pub fn python_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("python")
+}
+
+/// The venv's Python interpreter; creates the venv on first use (under a lock, so test
+/// binaries running at once do not race), and again whenever the requirements change.
+pub fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyenv");
+        let requirements = python_dir().join("requirements.txt");
+        let wanted = fs::read_to_string(&requirements).expect("read tests/python/requirements.txt");
+        fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).expect("create target tmp dir");
+        let lock = File::create(root.with_extension("lock")).expect("create venv lock file");
+        lock.lock().expect("lock the venv");
+        let exe = if cfg!(windows) {
+            root.join("Scripts").join("python.exe")
+        } else {
+            root.join("bin").join("python")
+        };
+        let stamp = root.join("requirements.installed");
+        if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+            eprintln!("creating the test venv in {} (once)", root.display());
+            let _ = fs::remove_dir_all(&root);
+            let host_python = std::env::var("PYTHON")
+                .unwrap_or_else(|_| if cfg!(windows) { "python" } else { "python3" }.to_owned());
+            run_ok(Command::new(host_python).arg("-m").arg("venv").arg(&root));
+            run_ok(
+                Command::new(&exe)
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                        "-r",
+                    ])
+                    .arg(&requirements),
+            );
+            fs::write(&stamp, &wanted).expect("write venv stamp");
+        }
+        let _ = lock.unlock();
+        exe
+    })
+}
+
+fn run_ok(cmd: &mut Command) {
+    let status = cmd.status().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed: {status}");
+}
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes; panics with `what` then.
+pub fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Collects a child's output lines on a thread, echoing them (prefixed) for failed-test logs.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    fn follow(
+        &self,
+        from: impl Read + Send + 'static,
+        prefix: String,
+        tx: Option<mpsc::Sender<String>>,
+    ) {
+        let lines = self.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(from).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{prefix} {line}");
+                if let Some(tx) = &tx {
+                    let _ = tx.send(line.clone());
+                }
+                lines.0.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+    }
+
+    /// Every line so far.
+    pub fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether any line so far contains `needle`.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.all().iter().any(|l| l.contains(needle))
+    }
+
+    /// How many lines so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.all().iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+/// Waits for a child to exit, killing it after `timeout`.
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// Sends a signal by name (`TERM`, `KILL`, ...) to a process.
+#[cfg(unix)]
+pub fn signal(pid: u32, name: &str) {
+    run_ok(
+        Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string()),
+    );
+}
+
+/// A real Python grpcio worker (tests/python/worker.py) on a free port.
+pub struct Worker {
+    child: Child,
+    /// Its name, as it reports it in replies.
+    pub name: String,
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    /// Its stderr: `CALL <method> <peer>` and `CANCELLED <method>` lines.
+    pub log: Lines,
+}
+
+impl Worker {
+    /// Starts `names.len()` workers at once and waits until each has bound its port.
+    pub fn start_many(names: &[&str]) -> Vec<Worker> {
+        let python = python();
+        let pending: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let mut child = Command::new(python)
+                    .arg(python_dir().join("worker.py"))
+                    .args(["--port", "0", "--name", name])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("start worker {name}: {e}"));
+                let log = Lines::default();
+                let (tx, rx) = mpsc::channel();
+                if let Some(out) = child.stdout.take() {
+                    Lines::default().follow(out, format!("[{name} stdout]"), Some(tx));
+                }
+                if let Some(err) = child.stderr.take() {
+                    log.follow(err, format!("[{name}]"), None);
+                }
+                (name.to_string(), child, log, rx)
+            })
+            .collect();
+        pending
+            .into_iter()
+            .map(|(name, mut child, log, rx)| {
+                let port = loop {
+                    let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
+                        let _ = child.kill();
+                        panic!("worker {name} did not report its port: {:?}", log.all())
+                    });
+                    if let Some(p) = line.strip_prefix("PORT ") {
+                        break p.trim().parse().expect("worker port");
+                    }
+                };
+                Worker {
+                    child,
+                    name,
+                    port,
+                    log,
+                }
+            })
+            .collect()
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port nothing listens on: bound, then released.
+pub fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The portshare binary under test.
+pub fn portshare() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_portshare"))
+}
+
+/// A running portshare, started with JSON logs so the bound addresses can be read back.
+pub struct Proxy {
+    child: Child,
+    /// The public listener.
+    pub addr: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// Its log lines (JSON objects).
+    pub log: Lines,
+}
+
+impl Proxy {
+    /// Starts portshare on 127.0.0.1:0 with an admin listener, plus `args`; waits until
+    /// both listeners are bound.
+    pub fn start(args: &[&str]) -> Proxy {
+        let mut child = portshare()
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
+            .args(args)
+            .env("PORTSHARE_LOG", "info,portshare=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start portshare");
+        let log = Lines::default();
+        let (tx, rx) = mpsc::channel();
+        if let Some(err) = child.stderr.take() {
+            log.follow(err, "[portshare]".into(), Some(tx));
+        }
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            let Ok(line) = rx.recv_timeout(START_TIMEOUT) else {
+                let _ = child.kill();
+                panic!("portshare did not start: {:?}", log.all());
+            };
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "listening" {
+                let a: SocketAddr = v["addr"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .expect("addr");
+                match v["listener"].as_str() {
+                    Some("proxy") => addr = Some(a),
+                    Some("admin") => admin = Some(a),
+                    _ => {}
+                }
+            }
+        }
+        Proxy {
+            child,
+            addr: addr.expect("proxy addr"),
+            admin: admin.expect("admin addr"),
+            log,
+        }
+    }
+
+    /// `127.0.0.1:<port>` of the public listener.
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_with_timeout(&mut self.child, timeout)
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// GET `path` from the admin listener: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path)
+    }
+
+    /// The value of one sample in `/metrics`, e.g.
+    /// `portshare_backend_connections_total{backend="127.0.0.1:5"}`; 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// `/backends`, parsed.
+    pub fn backends(&self) -> Vec<Value> {
+        let (status, body) = self.admin_get("/backends");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("backends JSON")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET, enough for the admin endpoints.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to admin");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read response");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Starts tests/python/client.py with `args` (it prints one JSON object).
+pub fn client_spawn(args: &[&str]) -> Child {
+    Command::new(python())
+        .arg(python_dir().join("client.py"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start client.py")
+}
+
+/// Waits (up to `timeout`, then kills) for a child whose stdout and stderr are piped;
+/// returns its exit status and both outputs.
+pub fn collect(mut child: Child, timeout: Duration) -> (Option<ExitStatus>, String, String) {
+    fn drain(from: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
+        thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut r) = from {
+                let _ = r.read_to_string(&mut text);
+            }
+            text
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let status = wait_with_timeout(&mut child, timeout);
+    (
+        status,
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    )
+}
+
+/// Waits for a client started with [`client_spawn`] and returns its JSON answer.
+pub fn client_result(child: Child) -> Value {
+    let (status, out, err) = collect(child, Duration::from_secs(120));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "client.py failed ({status:?}): {err}\n{out}"
+    );
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("client.py output {out:?}: {e}\n{err}"))
+}
+
+/// Runs tests/python/client.py with `args` and returns its JSON answer.
+pub fn client(args: &[&str]) -> Value {
+    client_result(client_spawn(args))
+}
+
+/// One unary call through `target`; panics unless it succeeds.
+pub fn unary_ok(target: &str) -> Value {
+    let r = client(&["unary", "--target", target]);
+    assert_eq!(r["code"], "OK", "{r}");
+    r
+}
+
+/// How many calls each worker answered, from a `spread`/`one-channel` answer.
+pub fn spread_counts(v: &Value) -> BTreeMap<String, u64> {
+    v["workers"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, c)| (k.clone(), c.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs the binary with `args` to completion (for commands that must exit by themselves
+/// within 30 s): (exit code, stdout, stderr).
+pub fn run_portshare(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let child = portshare()
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start portshare");
+    let (status, out, err) = collect(child, Duration::from_secs(30));
+    (status.and_then(|s| s.code()), out, err)
+}
