@@ -442,3 +442,200 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
         Poll::Ready(this.note(r))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendSpec, EjectionConfig};
+    use crate::balance::Balance;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A connector whose backends are in-memory pipes; some addresses refuse, some fail
+    /// with a local shortage, the rest hand the test their far end.
+    #[derive(Clone, Default)]
+    struct Scripted(Arc<Script>);
+
+    #[derive(Default)]
+    struct Script {
+        refuse: Vec<SocketAddr>,
+        out_of_fds: bool,
+        attempts: Mutex<Vec<SocketAddr>>,
+        far_ends: Mutex<Vec<DuplexStream>>,
+    }
+
+    impl Connect for Scripted {
+        type Stream = DuplexStream;
+
+        async fn connect(&self, addr: SocketAddr) -> io::Result<DuplexStream> {
+            self.0.attempts.lock().expect("lock").push(addr);
+            if self.0.out_of_fds {
+                return Err(io::Error::from_raw_os_error(if cfg!(windows) {
+                    10024
+                } else {
+                    24
+                }));
+            }
+            if self.0.refuse.contains(&addr) {
+                return Err(io::ErrorKind::ConnectionRefused.into());
+            }
+            let (near, far) = tokio::io::duplex(1024);
+            self.0.far_ends.lock().expect("lock").push(far);
+            Ok(near)
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn proxy(ports: &[u16], script: Script, idle: Duration) -> (L4Proxy<Scripted>, Scripted) {
+        let specs = ports.iter().map(|p| BackendSpec {
+            name: addr(*p).to_string(),
+            addr: addr(*p),
+        });
+        let ejection = EjectionConfig {
+            base_time: Duration::from_secs(5),
+            max_time: Duration::from_secs(60),
+        };
+        let backends = Arc::new(BackendSet::new(specs, ejection));
+        let connector = Scripted(Arc::new(script));
+        let config = L4Config {
+            connect_timeout: Duration::from_secs(1),
+            connect_attempts: 3,
+            idle_timeout: idle,
+        };
+        let p = L4Proxy::new(
+            config,
+            backends,
+            Balancer::new(Balance::RoundRobin),
+            connector.clone(),
+        );
+        (p, connector)
+    }
+
+    fn far_end(c: &Scripted) -> DuplexStream {
+        c.0.far_ends
+            .lock()
+            .expect("lock")
+            .pop()
+            .expect("a backend was connected")
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_retried_elsewhere_and_ejects_the_backend() {
+        let script = Script {
+            refuse: vec![addr(1), addr(2)],
+            ..Script::default()
+        };
+        let (p, conn) = proxy(&[1, 2, 3], script, Duration::from_secs(60));
+        let (mut client, client_far) = tokio::io::duplex(1024);
+        let never = CancellationToken::new();
+        let task = tokio::spawn(async move { p.proxy(client_far, &never).await.map(|t| (t, p)) });
+        client.write_all(b"ping").await.expect("write");
+        client.shutdown().await.expect("half-close");
+        // Whichever order round-robin tried them in, the connection ended up on :3.
+        let mut backend = loop {
+            if let Some(b) = conn.0.far_ends.lock().expect("lock").pop() {
+                break b;
+            }
+            tokio::task::yield_now().await;
+        };
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"ping");
+        backend.write_all(b"pong").await.expect("write");
+        drop(backend);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.expect("read");
+        assert_eq!(answer, b"pong");
+        let (transfer, p) = task.await.expect("join").expect("proxied");
+        assert_eq!(transfer.backend, addr(3).to_string());
+        assert_eq!(
+            (transfer.to_backend, transfer.to_client, transfer.end),
+            (4, 4, End::Closed)
+        );
+        let tried = conn.0.attempts.lock().expect("lock").clone();
+        assert!(tried.ends_with(&[addr(3)]) && tried.len() <= 3, "{tried:?}");
+        let ejected = p.backends.statuses(Instant::now());
+        let failed: Vec<_> = ejected.iter().filter(|s| s.connect_failures > 0).collect();
+        assert_eq!(failed.len(), tried.len() - 1);
+        assert!(failed.iter().all(|s| s.state == "ejected"));
+    }
+
+    #[tokio::test]
+    async fn when_every_backend_refuses_the_client_is_given_up() {
+        let script = Script {
+            refuse: vec![addr(1), addr(2)],
+            ..Script::default()
+        };
+        let (p, conn) = proxy(&[1, 2], script, Duration::from_secs(60));
+        let (_client, far) = tokio::io::duplex(64);
+        let err = p
+            .proxy(far, &CancellationToken::new())
+            .await
+            .expect_err("no backend");
+        assert!(
+            matches!(err, L4Error::NoBackend { attempts: 2, .. }),
+            "{err}"
+        );
+        assert_eq!(err.side(), Side::Backend);
+        // Each backend was tried once, not attempts-many times.
+        assert_eq!(conn.0.attempts.lock().expect("lock").len(), 2);
+        // Never both ejected: one stays in rotation.
+        assert_eq!(p.backends.usable(Instant::now()), 1);
+    }
+
+    #[tokio::test]
+    async fn a_local_shortage_blames_no_backend() {
+        let script = Script {
+            out_of_fds: true,
+            ..Script::default()
+        };
+        let (p, conn) = proxy(&[1, 2], script, Duration::from_secs(60));
+        let (_client, far) = tokio::io::duplex(64);
+        let err = p
+            .proxy(far, &CancellationToken::new())
+            .await
+            .expect_err("shortage");
+        assert!(matches!(err, L4Error::Local(_)), "{err}");
+        assert_eq!(conn.0.attempts.lock().expect("lock").len(), 1);
+        assert_eq!(p.backends.usable(Instant::now()), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_ends_after_the_idle_timeout_and_activity_resets_it() {
+        let (p, conn) = proxy(&[1], Script::default(), Duration::from_secs(10));
+        let (mut client, far) = tokio::io::duplex(64);
+        let started = Instant::now();
+        let task = tokio::spawn(async move { p.proxy(far, &CancellationToken::new()).await });
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        client.write_all(b"x").await.expect("write");
+        let _backend = far_end(&conn);
+        let t = task.await.expect("join").expect("proxied");
+        assert_eq!(t.end, End::Idle);
+        assert!(
+            started.elapsed() >= Duration::from_secs(16),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_abort_token_closes_an_open_connection() {
+        let (p, conn) = proxy(&[1], Script::default(), Duration::from_secs(3600));
+        let (_client, far) = tokio::io::duplex(64);
+        let abort = CancellationToken::new();
+        let a = abort.clone();
+        let task = tokio::spawn(async move { p.proxy(far, &a).await });
+        loop {
+            if !conn.0.far_ends.lock().expect("lock").is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        abort.cancel();
+        let t = task.await.expect("join").expect("proxied");
+        assert_eq!(t.end, End::Aborted);
+    }
+}

@@ -146,3 +146,51 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
     );
     let _ = holder.join();
 }
+
+/// Out of file descriptors: accept fails with EMFILE, which is logged and backed off (not a
+/// spin, not an exit), no worker is blamed, and service returns once descriptors free up.
+#[cfg(target_os = "linux")]
+#[test]
+fn running_out_of_file_descriptors_is_survived() {
+    use std::process::{Command, Stdio};
+    if Command::new("prlimit")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        eprintln!("prlimit (util-linux) is not installed; skipping");
+        return;
+    }
+    let workers = Worker::start_many(&["fd"]);
+    // A small descriptor table: ~20 for the runtime and listeners, and two per proxied
+    // connection.
+    let mut child_args: Vec<String> = vec![
+        "--nofile=48:48".into(),
+        "--".into(),
+        env!("CARGO_BIN_EXE_portshare").into(),
+    ];
+    child_args.extend(["--backend".into(), workers[0].addr()]);
+    let mut proxy = Proxy::start_with("prlimit", &child_args);
+    let held: Vec<TcpStream> = (0..60)
+        .filter_map(|_| TcpStream::connect(proxy.addr).ok())
+        .collect();
+    eventually(
+        Duration::from_secs(20),
+        "accept runs out of descriptors",
+        || proxy.log.contains("accept failed"),
+    );
+    assert!(proxy.is_running());
+    drop(held);
+    eventually(Duration::from_secs(30), "service returns", || {
+        support::client(&["unary", "--target", &proxy.target(), "--timeout", "5"])["code"] == "OK"
+    });
+    assert!(proxy.metric("portshare_accept_errors_total") >= 1.0);
+    for b in proxy.backends() {
+        assert_eq!(
+            b["ejections"], 0,
+            "a worker was blamed for our own shortage: {b}"
+        );
+    }
+    assert!(proxy.is_running());
+}

@@ -254,7 +254,19 @@ impl Proxy {
     /// Starts portshare on 127.0.0.1:0 with an admin listener, plus `args`; waits until
     /// both listeners are bound.
     pub fn start(args: &[&str]) -> Proxy {
-        let mut child = portshare()
+        Self::spawn(portshare(), args)
+    }
+
+    /// Like [`Proxy::start`], but runs portshare through `wrapper` (e.g. `prlimit`), whose
+    /// own arguments `wrapper_args` end with the path to the binary.
+    pub fn start_with(wrapper: &str, wrapper_args: &[String]) -> Proxy {
+        let mut cmd = Command::new(wrapper);
+        cmd.args(wrapper_args);
+        Self::spawn(cmd, &[])
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str]) -> Proxy {
+        let mut child = cmd
             .args([
                 "--listen",
                 "127.0.0.1:0",
