@@ -6,10 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::{
-    Proxy, Worker, client, client_result, client_spawn, closed_port, eventually, spread_counts,
-    unary_ok,
-};
+use support::{Proxy, Worker, client, closed_port, eventually, spread_counts, unary_ok};
 
 fn backends_args(workers: &[Worker]) -> Vec<String> {
     workers
@@ -265,7 +262,7 @@ fn a_backend_that_is_down_is_skipped_without_a_failed_call() {
 fn sigterm_lets_an_in_flight_call_complete_and_exits_zero() {
     let workers = Worker::start_many(&["drain"]);
     let mut proxy = start_proxy(&workers, &["--drain-timeout", "20s"]);
-    let call = client_spawn(&["unary", "--target", &proxy.target(), "--sleep-ms", "2000"]);
+    let call = support::client_spawn(&["unary", "--target", &proxy.target(), "--sleep-ms", "2000"]);
     eventually(
         Duration::from_secs(30),
         "the call reaches the worker",
@@ -276,7 +273,7 @@ fn sigterm_lets_an_in_flight_call_complete_and_exits_zero() {
     eventually(Duration::from_secs(5), "/readyz says draining", || {
         proxy.admin_get("/readyz").0 == 503
     });
-    let r = client_result(call);
+    let r = support::client_result(call);
     assert_eq!(r["code"], "OK", "{r}");
     let status = proxy
         .wait(Duration::from_secs(20))
@@ -290,7 +287,7 @@ fn sigterm_lets_an_in_flight_call_complete_and_exits_zero() {
 fn the_drain_timeout_closes_what_is_left() {
     let workers = Worker::start_many(&["stuck"]);
     let mut proxy = start_proxy(&workers, &["--drain-timeout", "300ms"]);
-    let call = client_spawn(&[
+    let call = support::client_spawn(&[
         "unary",
         "--target",
         &proxy.target(),
@@ -309,7 +306,7 @@ fn the_drain_timeout_closes_what_is_left() {
         .wait(Duration::from_secs(10))
         .expect("portshare exits when the drain time is over");
     assert_eq!(status.code(), Some(0));
-    let r = client_result(call);
+    let r = support::client_result(call);
     assert_eq!(r["code"], "UNAVAILABLE", "{r}");
 }
 
