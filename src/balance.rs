@@ -69,6 +69,15 @@ impl Balancer {
         }
     }
 
+    /// A picker whose rotation starts at `cursor`, for tests that need a known order.
+    #[cfg(test)]
+    pub(crate) fn starting_at(kind: Balance, cursor: usize) -> Self {
+        Self {
+            kind,
+            cursor: AtomicUsize::new(cursor),
+        }
+    }
+
     /// The strategy this picker uses.
     pub fn kind(&self) -> Balance {
         self.kind

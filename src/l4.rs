@@ -459,6 +459,8 @@ mod tests {
     #[derive(Default)]
     struct Script {
         refuse: Vec<SocketAddr>,
+        /// Addresses that never answer (a firewalled or hung host).
+        hang: Vec<SocketAddr>,
         out_of_fds: bool,
         attempts: Mutex<Vec<SocketAddr>>,
         far_ends: Mutex<Vec<DuplexStream>>,
@@ -478,6 +480,9 @@ mod tests {
             }
             if self.0.refuse.contains(&addr) {
                 return Err(io::ErrorKind::ConnectionRefused.into());
+            }
+            if self.0.hang.contains(&addr) {
+                std::future::pending::<()>().await;
             }
             let (near, far) = tokio::io::duplex(1024);
             self.0.far_ends.lock().expect("lock").push(far);
@@ -505,12 +510,9 @@ mod tests {
             connect_attempts: 3,
             idle_timeout: idle,
         };
-        let p = L4Proxy::new(
-            config,
-            backends,
-            Balancer::new(Balance::RoundRobin),
-            connector.clone(),
-        );
+        // Round-robin from the first backend: the order of attempts is known.
+        let balancer = Balancer::starting_at(Balance::RoundRobin, 0);
+        let p = L4Proxy::new(config, backends, balancer, connector.clone());
         (p, connector)
     }
 
@@ -534,7 +536,7 @@ mod tests {
         let task = tokio::spawn(async move { p.proxy(client_far, &never).await.map(|t| (t, p)) });
         client.write_all(b"ping").await.expect("write");
         client.shutdown().await.expect("half-close");
-        // Whichever order round-robin tried them in, the connection ended up on :3.
+        // Round-robin tried :1 (refused), then the second of the remaining [:2, :3].
         let mut backend = loop {
             if let Some(b) = conn.0.far_ends.lock().expect("lock").pop() {
                 break b;
@@ -555,12 +557,48 @@ mod tests {
             (transfer.to_backend, transfer.to_client, transfer.end),
             (4, 4, End::Closed)
         );
-        let tried = conn.0.attempts.lock().expect("lock").clone();
-        assert!(tried.ends_with(&[addr(3)]) && tried.len() <= 3, "{tried:?}");
-        let ejected = p.backends.statuses(Instant::now());
-        let failed: Vec<_> = ejected.iter().filter(|s| s.connect_failures > 0).collect();
-        assert_eq!(failed.len(), tried.len() - 1);
-        assert!(failed.iter().all(|s| s.state == "ejected"));
+        assert_eq!(*conn.0.attempts.lock().expect("lock"), [addr(1), addr(3)]);
+        let states: Vec<_> = p
+            .backends
+            .statuses(Instant::now())
+            .iter()
+            .map(|s| s.state)
+            .collect();
+        assert_eq!(states, ["ejected", "up", "up"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_that_times_out_is_retried_elsewhere() {
+        let script = Script {
+            hang: vec![addr(1)],
+            ..Script::default()
+        };
+        let (p, conn) = proxy(&[1, 2], script, Duration::from_secs(60));
+        let (_client, far) = tokio::io::duplex(64);
+        let abort = CancellationToken::new();
+        let a = abort.clone();
+        let started = Instant::now();
+        let task = tokio::spawn(async move { p.proxy(far, &a).await.map(|t| (t, p)) });
+        // Wait until the connection reached :2, after :1 timed out.
+        loop {
+            if !conn.0.far_ends.lock().expect("lock").is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        abort.cancel();
+        let (t, p) = task.await.expect("join").expect("proxied");
+        assert_eq!(t.backend, addr(2).to_string());
+        // :1 was tried first: it cost one connect timeout, then it was ejected.
+        assert_eq!(*conn.0.attempts.lock().expect("lock"), [addr(1), addr(2)]);
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        let s = p.backends.statuses(Instant::now());
+        assert_eq!(s[0].state, "ejected");
+        assert!(
+            s[0].last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("no answer"))
+        );
     }
 
     #[tokio::test]
