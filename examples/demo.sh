@@ -44,20 +44,23 @@ for p in $(seq "$first" "$last"); do
     pids+=($!)
 done
 
+wait_for_port() { # bounded: 30 s
+    for _ in $(seq 300); do
+        if "$py" -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "nothing listens on port $1 after 30 s" >&2
+    exit 1
+}
+for p in $(seq "$first" "$last"); do wait_for_port "$p"; done
+
 echo "== starting portshare on 127.0.0.1:$port (admin on 127.0.0.1:$admin)"
 target/release/portshare --listen "127.0.0.1:$port" --backend "127.0.0.1:$first-$last" \
     --admin "127.0.0.1:$admin" &
 pids+=($!)
-
-# Wait until every worker and portshare accept connections (bounded: 30 s).
-for p in $(seq "$admin" "$last"); do
-    for _ in $(seq 300); do
-        if "$py" -c "import socket,sys; socket.create_connection(('127.0.0.1', $p), 0.2)" 2>/dev/null; then
-            break
-        fi
-        sleep 0.1
-    done
-done
+wait_for_port "$admin"
 
 echo "== 40 calls, each on a new client connection, through portshare"
 "$py" examples/python/client.py --target "127.0.0.1:$port" --calls 40
@@ -67,7 +70,7 @@ echo "== what portshare counted (portshare_backend_connections_total on its admi
 import re, sys, urllib.request
 with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5) as r:
     text = r.read().decode()
-for backend, n in re.findall(r'^portshare_backend_connections_total\{backend="([^"]+)"\} (\S+)$', text, re.M):
+for backend, n in sorted(re.findall(r'^portshare_backend_connections_total\{backend="([^"]+)"\} (\S+)$', text, re.M)):
     print(f"  {backend:<18} {int(float(n)):>3} connections")
 PY
 echo "== done; stopping portshare and the workers"
