@@ -22,6 +22,7 @@ pub mod backoff;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod l4;
 pub mod listener;
 pub mod metrics;

@@ -1,0 +1,1 @@
+//! The `grpc.health.v1.Health/Check` probe.
