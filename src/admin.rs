@@ -101,7 +101,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" => {
             if state.draining.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if state.backends.usable(now) == 0 {
+            } else if state.backends.ready(now) == 0 {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no backend is ready\n")
             } else {
                 text(StatusCode::OK, "ready\n")

@@ -11,7 +11,19 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::backoff;
+use crate::health::{CheckResult, Health, HealthConfig, HealthState};
 use crate::metrics as m;
+
+/// A spawned worker's number, 0-based; stable across its restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct WorkerIndex(pub usize);
+
+impl std::fmt::Display for WorkerIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// A backend as configured: the address to connect to and the name it was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +32,8 @@ pub struct BackendSpec {
     pub name: String,
     /// Resolved once at start-up, so a slow resolver never sits on the connect path.
     pub addr: SocketAddr,
+    /// The worker behind it, when portshare spawned it.
+    pub worker: Option<WorkerIndex>,
 }
 
 /// How long a backend stays out of rotation after a failed connect.
@@ -29,6 +43,26 @@ pub struct EjectionConfig {
     pub base_time: Duration,
     /// The longest ejection, so a backend that comes back is found again soon enough.
     pub max_time: Duration,
+}
+
+/// What the supervisor knows of a spawned worker.
+#[derive(Debug, Default, Clone)]
+struct WorkerState {
+    /// Its process id while it runs.
+    pid: Option<u32>,
+    /// Times it was started.
+    starts: u64,
+}
+
+/// Everything about a backend that changes off the hot path, under one lock.
+#[derive(Debug)]
+struct State {
+    /// Passive ejection.
+    passive: Passive,
+    /// Active health.
+    health: HealthState,
+    /// The worker process, if spawned.
+    worker: WorkerState,
 }
 
 /// Passive-failure bookkeeping of one backend.
@@ -96,8 +130,9 @@ pub struct Backend {
     spec: BackendSpec,
     /// Connections proxied to it right now; least-conn and p2c read it.
     active: AtomicUsize,
-    /// Passive ejection state; touched only when a connect fails or recovers.
-    passive: Mutex<Passive>,
+    /// Ejection, health and worker state; touched when a connect fails, a check ends or
+    /// the supervisor acts, and read when a backend is picked.
+    state: Mutex<State>,
     /// Its metric handles.
     metrics: BackendMetrics,
 }
@@ -109,8 +144,20 @@ pub struct BackendStatus {
     pub name: String,
     /// Resolved address.
     pub address: String,
-    /// `up` or `ejected`.
+    /// The worker's index, when spawned.
+    pub worker: Option<WorkerIndex>,
+    /// The worker's process id, while it runs.
+    pub pid: Option<u32>,
+    /// Whether new connections may go there now.
+    pub ready: bool,
+    /// The health state, or `ejected` when passive ejection keeps a healthy backend out.
     pub state: &'static str,
+    /// Seconds since the health state last changed.
+    pub state_for_s: u64,
+    /// The most recent health check's result.
+    pub last_check: Option<String>,
+    /// Times the worker was restarted.
+    pub restarts: u64,
     /// Connections open to it now.
     pub active_connections: usize,
     /// Passive ejections so far.
@@ -129,13 +176,76 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Backend {
-    fn new(spec: BackendSpec) -> Self {
+    fn new(spec: BackendSpec, now: Instant) -> Self {
         let metrics = BackendMetrics::new(&spec.name);
+        // A spawned worker must prove itself first; a configured backend is given the
+        // benefit of the doubt until its first check.
+        let health = if spec.worker.is_some() {
+            Health::Stopped
+        } else {
+            Health::Unknown
+        };
         Self {
             spec,
             active: AtomicUsize::new(0),
-            passive: Mutex::new(Passive::default()),
+            state: Mutex::new(State {
+                passive: Passive::default(),
+                health: HealthState::new(health, now),
+                worker: WorkerState::default(),
+            }),
             metrics,
+        }
+    }
+
+    /// The spawned worker's index, if any.
+    pub fn worker(&self) -> Option<WorkerIndex> {
+        self.spec.worker
+    }
+
+    /// The health state.
+    pub fn health(&self) -> Health {
+        lock(&self.state).health.health
+    }
+
+    /// Whether new connections may go there at `now`.
+    pub fn is_usable(&self, now: Instant) -> bool {
+        let s = lock(&self.state);
+        s.health.health.takes_traffic() && s.passive.ejected_until.is_none_or(|t| t <= now)
+    }
+
+    /// Sets the health state from the supervisor's side (started, stopped); logs a change.
+    pub fn set_health(&self, health: Health, now: Instant) {
+        let before = lock(&self.state).health.set(health, now);
+        if let Some(before) = before {
+            log_flip(self, before, health, None);
+        }
+    }
+
+    /// Records that the worker process started with `pid` (a restart unless it is the first).
+    pub fn worker_started(&self, pid: Option<u32>, now: Instant) {
+        let before = {
+            let mut s = lock(&self.state);
+            s.worker.starts += 1;
+            s.worker.pid = pid;
+            // Ejections of the previous process say nothing about this one.
+            s.passive.ejected_until = None;
+            s.passive.streak = 0;
+            s.health.set(Health::Starting, now)
+        };
+        if let Some(before) = before {
+            log_flip(self, before, Health::Starting, None);
+        }
+    }
+
+    /// Records that the worker process exited.
+    pub fn worker_stopped(&self, now: Instant) {
+        let before = {
+            let mut s = lock(&self.state);
+            s.worker.pid = None;
+            s.health.set(Health::Stopped, now)
+        };
+        if let Some(before) = before {
+            log_flip(self, before, Health::Stopped, None);
         }
     }
 
@@ -156,7 +266,10 @@ impl Backend {
 
     /// Whether passive ejection keeps it out of rotation at `now`.
     pub fn is_ejected(&self, now: Instant) -> bool {
-        lock(&self.passive).ejected_until.is_some_and(|t| t > now)
+        lock(&self.state)
+            .passive
+            .ejected_until
+            .is_some_and(|t| t > now)
     }
 
     /// Counts a connection to this backend until the guard is dropped.
@@ -177,25 +290,56 @@ impl Backend {
 
     /// A snapshot for `/backends`.
     pub fn status(&self, now: Instant) -> BackendStatus {
-        let p = lock(&self.passive);
+        let s = lock(&self.state);
+        let p = &s.passive;
         let ejected_for = p
             .ejected_until
             .and_then(|t| t.checked_duration_since(now))
             .filter(|d| !d.is_zero());
+        let health = s.health.health;
         BackendStatus {
             name: self.spec.name.clone(),
             address: self.spec.addr.to_string(),
-            state: if ejected_for.is_some() {
-                "ejected"
-            } else {
-                "up"
+            worker: self.spec.worker,
+            pid: s.worker.pid,
+            ready: health.takes_traffic() && ejected_for.is_none(),
+            state: match (health.takes_traffic(), ejected_for) {
+                (true, Some(_)) => "ejected",
+                _ => health.as_str(),
             },
+            state_for_s: now.saturating_duration_since(s.health.since).as_secs(),
+            last_check: s.health.last_check.clone(),
+            restarts: s.worker.starts.saturating_sub(1),
             active_connections: self.active(),
             ejections: p.ejections,
             ejected_for_ms: ejected_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             connect_failures: p.connect_failures,
             last_error: p.last_error.clone(),
         }
+    }
+}
+
+fn log_flip(backend: &Backend, from: Health, to: Health, check: Option<&CheckResult>) {
+    let worker = backend
+        .worker()
+        .map_or_else(|| "-".to_owned(), |w| w.to_string());
+    let name = backend.name();
+    match check {
+        // Checks moved it: leaving rotation deserves attention, the rest is routine.
+        Some(result) => {
+            let why = match result {
+                CheckResult::Fail(why) => why.as_str(),
+                CheckResult::NotServing => "NOT_SERVING",
+                CheckResult::Pass => "check passed",
+            };
+            if from.takes_traffic() && !to.takes_traffic() {
+                tracing::warn!(backend = name, worker, %from, %to, why, "backend left rotation");
+            } else {
+                tracing::info!(backend = name, worker, %from, %to, why, "backend health changed");
+            }
+        }
+        // The supervisor moved it (started, stopped): it logs why itself.
+        None => tracing::info!(backend = name, worker, %from, %to, "backend state changed"),
     }
 }
 
@@ -231,9 +375,10 @@ pub struct BackendSet {
 impl BackendSet {
     /// A set holding `specs`, all in rotation.
     pub fn new(specs: impl IntoIterator<Item = BackendSpec>, ejection: EjectionConfig) -> Self {
+        let now = Instant::now();
         let list: Vec<Arc<Backend>> = specs
             .into_iter()
-            .map(|s| Arc::new(Backend::new(s)))
+            .map(|s| Arc::new(Backend::new(s, now)))
             .collect();
         Self {
             backends: RwLock::new(list.into()),
@@ -247,14 +392,16 @@ impl BackendSet {
         Arc::clone(&self.backends.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// The backends a new connection may go to, leaving out `tried`: those in rotation, or,
-    /// when none of them is left, every backend not yet tried: if all look bad, keep
-    /// trying them rather than refuse the client outright.
+    /// The backends a new connection may go to, leaving out `tried`: the healthy ones in
+    /// rotation, or, when passive ejection has left none of those, every healthy one not
+    /// yet tried: if all look bad, keep trying them rather than refuse the client outright.
+    /// Backends that checks or the supervisor took out (starting, unhealthy, not serving,
+    /// stopped) are never offered.
     pub fn candidates(&self, now: Instant, tried: &[SocketAddr]) -> Vec<Arc<Backend>> {
         let untried: Vec<Arc<Backend>> = self
             .snapshot()
             .iter()
-            .filter(|b| !tried.contains(&b.addr()))
+            .filter(|b| !tried.contains(&b.addr()) && b.health().takes_traffic())
             .cloned()
             .collect();
         let usable: Vec<Arc<Backend>> = untried
@@ -267,17 +414,36 @@ impl BackendSet {
 
     /// How many backends are in rotation at `now`.
     pub fn usable(&self, now: Instant) -> usize {
+        self.snapshot().iter().filter(|b| b.is_usable(now)).count()
+    }
+
+    /// How many backends have passed a health check and are in rotation at `now`: what
+    /// `/readyz` asks for.
+    pub fn ready(&self, now: Instant) -> usize {
         self.snapshot()
             .iter()
-            .filter(|b| !b.is_ejected(now))
+            .filter(|b| b.health() == Health::Healthy && !b.is_ejected(now))
             .count()
+    }
+
+    /// Applies one health-check result to `backend`, logging a flip once.
+    pub fn record_check(
+        &self,
+        backend: &Backend,
+        result: &CheckResult,
+        config: &HealthConfig,
+        now: Instant,
+    ) {
+        let before = lock(&backend.state).health.observe(result, config, now);
+        if let Some(before) = before {
+            log_flip(backend, before, backend.health(), Some(result));
+        }
     }
 
     /// Records a successful connect: the backend's ejection streak starts over.
     pub fn connect_succeeded(&self, backend: &Backend) {
         backend.metrics.connections.increment(1);
-        let mut p = lock(&backend.passive);
-        p.streak = 0;
+        lock(&backend.state).passive.streak = 0;
     }
 
     /// Records a failed connect and ejects the backend, unless that would leave no backend
@@ -298,9 +464,10 @@ impl BackendSet {
         let others_in_rotation = self
             .snapshot()
             .iter()
-            .filter(|b| b.addr() != backend.addr() && !b.is_ejected(now))
+            .filter(|b| b.addr() != backend.addr() && b.is_usable(now))
             .count();
-        let mut p = lock(&backend.passive);
+        let mut s = lock(&backend.state);
+        let p = &mut s.passive;
         p.connect_failures += 1;
         p.last_error = Some(error.to_owned());
         if others_in_rotation == 0 || p.ejected_until.is_some_and(|t| t > now) {
@@ -324,7 +491,7 @@ impl BackendSet {
     pub fn publish_gauges(&self, now: Instant) {
         for b in self.snapshot().iter() {
             b.metrics.active.set(b.active() as f64);
-            b.metrics.up.set(if b.is_ejected(now) { 0.0 } else { 1.0 });
+            b.metrics.up.set(if b.is_usable(now) { 1.0 } else { 0.0 });
         }
     }
 }
@@ -341,6 +508,7 @@ mod tests {
             BackendSpec {
                 name: addr.to_string(),
                 addr,
+                worker: None,
             }
         });
         BackendSet::new(

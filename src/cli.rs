@@ -60,6 +60,22 @@ pub struct Opts {
     /// A proxied connection with no bytes either way for this long is closed [default: 1h].
     #[arg(long, global = true, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+    /// Active health check of every backend [default: tcp].
+    #[arg(long, global = true, value_name = "tcp|grpc")]
+    pub health: Option<String>,
+    /// The service name asked about by the grpc check [default: "", the whole server].
+    #[arg(long, global = true, value_name = "NAME")]
+    pub health_service: Option<String>,
+    /// Spawn and supervise N workers running COMMAND (given after `--`).
+    #[arg(long, global = true, value_name = "N")]
+    pub workers: Option<u64>,
+    /// Worker i listens on P+i; 0 picks free ports [default: listen port + 1].
+    #[arg(long, global = true, value_name = "P")]
+    pub worker_port_base: Option<u64>,
+    /// The worker command and its arguments; `{port}` becomes the worker's port and
+    /// `{index}` its number.
+    #[arg(last = true, global = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
     /// Log lines as human-readable text or JSON objects [default: text].
     #[arg(long, global = true, value_name = "text|json")]
     pub log_format: Option<String>,

@@ -14,8 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{BackendSpec, EjectionConfig};
 use crate::balance::Balance;
 use crate::cli::Opts;
+use crate::health::{CheckKind, HealthConfig};
 use crate::l4::L4Config;
 use crate::listener::ListenerConfig;
+use crate::supervisor::{WorkerOutput, WorkersConfig};
 
 /// Environment variables with the `PORTSHARE_` prefix that are not config keys.
 const NOT_CONFIG_KEYS: [&str; 3] = ["PORTSHARE_LOG", "PORTSHARE_PORT", "PORTSHARE_WORKER_INDEX"];
@@ -102,6 +104,58 @@ pub struct RawConfig {
     pub log_format: Option<String>,
     /// Passive ejection after failed connects.
     pub ejection: Option<RawEjection>,
+    /// Active health checks.
+    pub health: Option<RawHealth>,
+    /// Spawned workers.
+    pub workers: Option<RawWorkers>,
+}
+
+/// `[health]` as written.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// `tcp` or `grpc`.
+    pub check: Option<String>,
+    /// The gRPC service name asked about.
+    pub service: Option<String>,
+    /// Time between checks of a ready backend.
+    pub interval: Option<String>,
+    /// Time between checks of a backend that is not ready.
+    pub unhealthy_interval: Option<String>,
+    /// One check's limit.
+    pub timeout: Option<String>,
+    /// Passes in a row that return a backend.
+    pub healthy_threshold: Option<u64>,
+    /// Failures in a row that take a backend out.
+    pub unhealthy_threshold: Option<u64>,
+}
+
+/// `[workers]` as written.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkers {
+    /// How many.
+    pub count: Option<u64>,
+    /// Program and arguments.
+    pub command: Option<Vec<String>>,
+    /// First worker port; 0 = free ports.
+    pub port_base: Option<u64>,
+    /// Extra environment.
+    pub env: Option<std::collections::BTreeMap<String, String>>,
+    /// Working directory.
+    pub cwd: Option<String>,
+    /// `prefix` or `inherit`.
+    pub output: Option<String>,
+    /// SIGTERM-to-SIGKILL grace.
+    pub stop_grace: Option<String>,
+    /// First restart delay.
+    pub restart_backoff: Option<String>,
+    /// Longest restart delay.
+    pub restart_backoff_max: Option<String>,
+    /// Exits within the window that end portshare.
+    pub crash_loop_restarts: Option<u64>,
+    /// The crash-loop window.
+    pub crash_loop_window: Option<String>,
 }
 
 /// `[ejection]` as written.
@@ -129,6 +183,11 @@ pub struct Config {
     pub l4: L4Config,
     /// Passive ejection settings.
     pub ejection: EjectionConfig,
+    /// Active health checks.
+    pub health: HealthConfig,
+    /// Spawned workers, when portshare starts them (then `backends` is empty until the
+    /// ports are known).
+    pub workers: Option<WorkersConfig>,
     /// Admin listener, if any.
     pub admin: Option<SocketAddr>,
     /// How long open work may finish after a shutdown signal.
@@ -161,6 +220,7 @@ pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, Conf
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("backends")
+            .with_list_parse_key("workers.command")
             .source(Some(env_vars)),
     );
     let flag = |key: &str, e: config::ConfigError| err(key, e.to_string());
@@ -173,6 +233,8 @@ pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, Conf
         ("connect_timeout", &opts.connect_timeout),
         ("idle_timeout", &opts.idle_timeout),
         ("log_format", &opts.log_format),
+        ("health.check", &opts.health),
+        ("health.service", &opts.health_service),
     ];
     for (key, value) in strings {
         if let Some(v) = value {
@@ -184,11 +246,18 @@ pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, Conf
     let numbers = [
         ("max_connections", opts.max_connections),
         ("connect_attempts", opts.connect_attempts),
+        ("workers.count", opts.workers),
+        ("workers.port_base", opts.worker_port_base),
     ];
     for (key, value) in numbers {
         if let Some(v) = value {
             builder = builder.set_override(key, v).map_err(|e| flag(key, e))?;
         }
+    }
+    if !opts.command.is_empty() {
+        builder = builder
+            .set_override("workers.command", opts.command.clone())
+            .map_err(|e| flag("workers.command", e))?;
     }
     if !opts.backends.is_empty() {
         builder = builder
@@ -292,12 +361,27 @@ impl RawConfig {
                 backends.push(spec);
             }
         }
-        if backends.is_empty() {
-            return Err(err(
-                "backends",
-                "no backends: give at least one with --backend HOST:PORT (or HOST:P1-P2)",
-            ));
+        let workers = self
+            .workers
+            .as_ref()
+            .map(|w| w.validate(listen))
+            .transpose()?;
+        match (&workers, backends.is_empty()) {
+            (None, true) => {
+                return Err(err(
+                    "backends",
+                    "no backends: give --backend HOST:PORT (or HOST:P1-P2), or --workers N -- COMMAND",
+                ));
+            }
+            (Some(_), false) => {
+                return Err(err(
+                    "workers",
+                    "give either backends (workers that already run) or workers (spawned by portshare), not both",
+                ));
+            }
+            _ => {}
         }
+        let health = self.health.clone().unwrap_or_default().validate()?;
         let balance = match &self.balance {
             Some(s) => s.parse().map_err(|e: String| err("balance", e))?,
             None => Balance::LeastConn,
@@ -370,9 +454,176 @@ impl RawConfig {
                 base_time,
                 max_time,
             },
+            health,
+            workers,
             admin,
             drain_timeout: duration("drain_timeout", self.drain_timeout.as_deref(), "30s")?,
             log_format,
+        })
+    }
+}
+
+fn threshold(key: &str, value: Option<u64>, default: u32) -> Result<u32, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(n @ 1..=100) => Ok(n as u32),
+        Some(n) => Err(err(key, format!("{n} is out of range (1 to 100)"))),
+    }
+}
+
+fn positive(key: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let d = duration(key, value, default)?;
+    if d.is_zero() {
+        return Err(err(key, "must be longer than 0s"));
+    }
+    Ok(d)
+}
+
+impl RawHealth {
+    fn validate(&self) -> Result<HealthConfig, ConfigError> {
+        let kind = match self.check.as_deref().unwrap_or("tcp") {
+            "tcp" => CheckKind::Tcp,
+            "grpc" => CheckKind::Grpc {
+                service: self.service.clone().unwrap_or_default(),
+            },
+            other => {
+                return Err(err(
+                    "health.check",
+                    format!("unknown check {other:?} (expected tcp or grpc)"),
+                ));
+            }
+        };
+        if self.service.is_some() && kind == CheckKind::Tcp {
+            return Err(err(
+                "health.service",
+                "only the grpc check asks about a service; add --health grpc",
+            ));
+        }
+        let interval = positive("health.interval", self.interval.as_deref(), "5s")?;
+        let timeout = positive("health.timeout", self.timeout.as_deref(), "1s")?;
+        Ok(HealthConfig {
+            kind,
+            interval,
+            unhealthy_interval: positive(
+                "health.unhealthy_interval",
+                self.unhealthy_interval.as_deref(),
+                "1s",
+            )?,
+            timeout,
+            healthy_threshold: threshold("health.healthy_threshold", self.healthy_threshold, 2)?,
+            unhealthy_threshold: threshold(
+                "health.unhealthy_threshold",
+                self.unhealthy_threshold,
+                3,
+            )?,
+        })
+    }
+}
+
+impl RawWorkers {
+    fn validate(&self, listen: SocketAddr) -> Result<WorkersConfig, ConfigError> {
+        let count = match self.count {
+            None => {
+                return Err(err(
+                    "workers.count",
+                    "how many workers? give --workers N (with the command after --)",
+                ));
+            }
+            Some(n @ 1..=1024) => n as usize,
+            Some(n) => {
+                return Err(err(
+                    "workers.count",
+                    format!("{n} is out of range (1 to 1024)"),
+                ));
+            }
+        };
+        let command = self.command.clone().unwrap_or_default();
+        if command.first().is_none_or(|p| p.trim().is_empty()) {
+            return Err(err(
+                "workers.command",
+                "no worker command: give it after --, e.g. --workers 4 -- python server.py --port {port}",
+            ));
+        }
+        let port_base = match self.port_base {
+            Some(p) => u16::try_from(p)
+                .map_err(|_| err("workers.port_base", format!("{p} is not a port (0-65535)")))?,
+            None if listen.port() == 0 => {
+                return Err(err(
+                    "workers.port_base",
+                    "the listen port is 0 (picked at start), so worker ports cannot follow it; give --worker-port-base P, or 0 for free ports",
+                ));
+            }
+            None => listen.port().checked_add(1).ok_or_else(|| {
+                err(
+                    "workers.port_base",
+                    "the listen port is 65535; give --worker-port-base P",
+                )
+            })?,
+        };
+        if port_base != 0 {
+            let last = u32::from(port_base) + count as u32 - 1;
+            if last > u32::from(u16::MAX) {
+                return Err(err(
+                    "workers.port_base",
+                    format!("{count} workers from port {port_base} run past port 65535"),
+                ));
+            }
+            if (u32::from(port_base)..=last).contains(&u32::from(listen.port())) {
+                return Err(err(
+                    "workers.port_base",
+                    format!(
+                        "worker ports {port_base}-{last} include the listen port {}",
+                        listen.port()
+                    ),
+                ));
+            }
+        }
+        let output = match self.output.as_deref().unwrap_or("prefix") {
+            "prefix" => WorkerOutput::Prefix,
+            "inherit" => WorkerOutput::Inherit,
+            other => {
+                return Err(err(
+                    "workers.output",
+                    format!("unknown output {other:?} (expected prefix or inherit)"),
+                ));
+            }
+        };
+        let restart_backoff = positive(
+            "workers.restart_backoff",
+            self.restart_backoff.as_deref(),
+            "250ms",
+        )?;
+        let restart_backoff_max = positive(
+            "workers.restart_backoff_max",
+            self.restart_backoff_max.as_deref(),
+            "30s",
+        )?;
+        if restart_backoff_max < restart_backoff {
+            return Err(err(
+                "workers.restart_backoff_max",
+                "must not be shorter than workers.restart_backoff",
+            ));
+        }
+        Ok(WorkersConfig {
+            count,
+            command,
+            port_base,
+            env: self.env.clone().unwrap_or_default(),
+            cwd: self.cwd.as_ref().map(std::path::PathBuf::from),
+            output,
+            stop_grace: duration("workers.stop_grace", self.stop_grace.as_deref(), "10s")?,
+            restart_backoff,
+            restart_backoff_max,
+            crash_loop_restarts: threshold(
+                "workers.crash_loop_restarts",
+                self.crash_loop_restarts,
+                5,
+            )?,
+            crash_loop_window: positive(
+                "workers.crash_loop_window",
+                self.crash_loop_window.as_deref(),
+                "60s",
+            )?,
         })
     }
 }
@@ -384,7 +635,8 @@ impl Config {
         let raw = RawConfig {
             listen: Some(self.listener.addr.to_string()),
             mode: Some(self.mode.to_string()),
-            backends: Some(self.backends.iter().map(|b| b.name.clone()).collect()),
+            backends: (!self.backends.is_empty())
+                .then(|| self.backends.iter().map(|b| b.name.clone()).collect()),
             balance: Some(self.balance.to_string()),
             admin: Some(
                 self.admin
@@ -399,6 +651,31 @@ impl Config {
             ejection: Some(RawEjection {
                 base_time: Some(human(self.ejection.base_time)),
                 max_time: Some(human(self.ejection.max_time)),
+            }),
+            health: Some(RawHealth {
+                check: Some(self.health.kind.to_string()),
+                service: match &self.health.kind {
+                    CheckKind::Grpc { service } => Some(service.clone()),
+                    CheckKind::Tcp => None,
+                },
+                interval: Some(human(self.health.interval)),
+                unhealthy_interval: Some(human(self.health.unhealthy_interval)),
+                timeout: Some(human(self.health.timeout)),
+                healthy_threshold: Some(u64::from(self.health.healthy_threshold)),
+                unhealthy_threshold: Some(u64::from(self.health.unhealthy_threshold)),
+            }),
+            workers: self.workers.as_ref().map(|w| RawWorkers {
+                count: Some(w.count as u64),
+                command: Some(w.command.clone()),
+                port_base: Some(u64::from(w.port_base)),
+                env: Some(w.env.clone()),
+                cwd: w.cwd.as_ref().map(|p| p.display().to_string()),
+                output: Some(w.output.as_str().to_owned()),
+                stop_grace: Some(human(w.stop_grace)),
+                restart_backoff: Some(human(w.restart_backoff)),
+                restart_backoff_max: Some(human(w.restart_backoff_max)),
+                crash_loop_restarts: Some(u64::from(w.crash_loop_restarts)),
+                crash_loop_window: Some(human(w.crash_loop_window)),
             }),
         };
         toml::to_string(&raw)
@@ -499,6 +776,7 @@ fn parse_backend(key: &str, s: &str) -> Result<Vec<BackendSpec>, ConfigError> {
         .map(|port| BackendSpec {
             name: format!("{shown_host}:{port}"),
             addr: SocketAddr::new(base.ip(), port),
+            worker: None,
         })
         .collect())
 }

@@ -498,6 +498,7 @@ mod tests {
         let specs = ports.iter().map(|p| BackendSpec {
             name: addr(*p).to_string(),
             addr: addr(*p),
+            worker: None,
         });
         let ejection = EjectionConfig {
             base_time: Duration::from_secs(5),
@@ -564,7 +565,7 @@ mod tests {
             .iter()
             .map(|s| s.state)
             .collect();
-        assert_eq!(states, ["ejected", "up", "up"]);
+        assert_eq!(states, ["ejected", "unknown", "unknown"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`metrics`]: metric names, described once; the Prometheus recorder.
 //! - [`admin`]: `/healthz`, `/readyz`, `/backends`, `/metrics`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -27,6 +27,7 @@ pub mod l4;
 pub mod listener;
 pub mod metrics;
 pub mod shutdown;
+pub mod supervisor;
 
 use std::io;
 use std::net::SocketAddr;
@@ -36,7 +37,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::BackendSet;
+use crate::backend::{BackendSet, BackendSpec, WorkerIndex};
 use crate::balance::Balancer;
 use crate::config::{Config, Mode};
 use crate::l4::{L4Proxy, TcpConnect};
@@ -59,6 +60,12 @@ pub enum Error {
     /// The signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] io::Error),
+    /// Workers could not be set up.
+    #[error(transparent)]
+    Workers(#[from] supervisor::SupervisorError),
+    /// A worker exited too often.
+    #[error(transparent)]
+    CrashLoop(#[from] supervisor::CrashLoop),
     /// The metrics recorder could not be installed.
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(#[from] metrics_exporter_prometheus::BuildError),
@@ -100,7 +107,29 @@ pub async fn run(
     shutdown: Shutdown,
     prometheus: Option<PrometheusHandle>,
 ) -> Result<(), Error> {
-    let backends = Arc::new(BackendSet::new(config.backends.clone(), config.ejection));
+    let specs = match &config.workers {
+        None => config.backends.clone(),
+        Some(w) => supervisor::plan_ports(w)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let addr = SocketAddr::from((supervisor::WORKER_HOST, port));
+                BackendSpec {
+                    name: addr.to_string(),
+                    addr,
+                    worker: Some(WorkerIndex(i)),
+                }
+            })
+            .collect(),
+    };
+    let backends = Arc::new(BackendSet::new(specs, config.ejection));
+    let mut workers = config
+        .workers
+        .clone()
+        .map(|w| supervisor::Supervisor::start(w, &backends.snapshot()))
+        .transpose()?;
+    let checks_stop = CancellationToken::new();
+    health::spawn_checkers(&backends, &config.health, &checks_stop);
     log_bound("proxy", &listeners.proxy);
     let admin_stop = CancellationToken::new();
     let admin = listeners.admin.map(|l| {
@@ -115,9 +144,12 @@ pub async fn run(
     tracing::info!(
         mode = %config.mode,
         balance = %config.balance,
-        backends = config.backends.len(),
+        backends = backends.snapshot().len(),
+        spawned = workers.is_some(),
+        health = %config.health.kind,
         "serving"
     );
+    let mut crash = None;
     match config.mode {
         Mode::L4 => {
             let proxy = Arc::new(L4Proxy::new(
@@ -127,7 +159,7 @@ pub async fn run(
                 TcpConnect,
             ));
             let abort = shutdown.abort_token().clone();
-            listener::serve(
+            let serve = listener::serve(
                 listeners.proxy,
                 &config.listener,
                 &shutdown,
@@ -136,8 +168,21 @@ pub async fn run(
                     let abort = abort.clone();
                     async move { proxy.handle(stream, &abort).await }
                 },
-            )
-            .await;
+            );
+            let crashed = async {
+                match workers.as_mut() {
+                    Some(w) => w.crashed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = serve => {}
+                c = crashed => {
+                    tracing::error!(error = %c, "worker crash loop: shutting down");
+                    crash = Some(c);
+                    shutdown.begin();
+                }
+            }
         }
     }
     let open = shutdown.tracker().len();
@@ -148,9 +193,18 @@ pub async fn run(
             tracing::warn!(left, "drain time over; closed the connections still open")
         }
     }
+    // Only now that no connection needs them do the workers get SIGTERM.
+    if let Some(w) = workers {
+        tracing::info!("stopping workers");
+        w.stop().await;
+    }
+    checks_stop.cancel();
     admin_stop.cancel();
     if let Some(task) = admin {
         let _ = task.await;
     }
-    Ok(())
+    match crash {
+        Some(c) => Err(Error::CrashLoop(c)),
+        None => Ok(()),
+    }
 }

@@ -16,6 +16,9 @@ use tracing_subscriber::EnvFilter;
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
 const EXIT_USAGE: u8 = 64;
 
+/// A worker kept crashing (EX_SOFTWARE; the contract reserves 70 and up for this).
+const EXIT_CRASH_LOOP: u8 = 70;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -64,6 +67,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ Error::CrashLoop(_)) => {
+            eprintln!("portshare: {e}");
+            ExitCode::from(EXIT_CRASH_LOOP)
+        }
         Err(e) => {
             eprintln!("portshare: {e}");
             ExitCode::FAILURE

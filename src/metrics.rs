@@ -4,7 +4,7 @@
 //! `_seconds`) and `_total` on counters. Everything that records a metric uses these
 //! constants, so the list below is the complete catalogue.
 
-use metrics::{Unit, describe_counter, describe_gauge};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Client connections accepted by the public listener.
@@ -27,6 +27,14 @@ pub const CONNECT_RETRIES: &str = "portshare_connect_retries_total";
 pub const BACKEND_EJECTIONS: &str = "portshare_backend_ejections_total";
 /// 1 when a backend may be picked now, 0 when it is ejected (read at scrape time).
 pub const BACKEND_UP: &str = "portshare_backend_up";
+/// Health checks run, by `backend` and `result` (pass/fail/not_serving).
+pub const HEALTH_CHECKS: &str = "portshare_health_checks_total";
+/// How long health checks take, by `check` (tcp/grpc).
+pub const HEALTH_CHECK_SECONDS: &str = "portshare_health_check_duration_seconds";
+/// Times each spawned worker was restarted.
+pub const WORKER_RESTARTS: &str = "portshare_worker_restarts_total";
+/// 1 while a spawned worker's process runs, else 0.
+pub const WORKER_UP: &str = "portshare_worker_up";
 /// Bytes copied from clients to each backend.
 pub const BACKEND_SENT_BYTES: &str = "portshare_backend_sent_bytes_total";
 /// Bytes copied from each backend to its clients.
@@ -41,6 +49,17 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 }
 
 fn describe() {
+    describe_counter!(HEALTH_CHECKS, "Health checks run, by backend and result.");
+    describe_histogram!(
+        HEALTH_CHECK_SECONDS,
+        Unit::Seconds,
+        "How long health checks take."
+    );
+    describe_counter!(WORKER_RESTARTS, "Times each spawned worker was restarted.");
+    describe_gauge!(
+        WORKER_UP,
+        "1 while a spawned worker's process runs, else 0."
+    );
     describe_counter!(CONNECTIONS_ACCEPTED, "Client connections accepted.");
     describe_gauge!(CONNECTIONS_ACTIVE, "Client connections open now.");
     describe_counter!(

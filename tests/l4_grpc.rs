@@ -229,11 +229,23 @@ fn other_balancers_spread_too() {
     }
 }
 
+/// Passive path: a backend that dies between health checks is found out by the first
+/// connection to it, which is retried elsewhere; the backend is ejected.
 #[test]
-fn a_backend_that_is_down_is_skipped_without_a_failed_call() {
-    let workers = Worker::start_many(&["up0", "up1", "up2"]);
-    let dead = format!("127.0.0.1:{}", closed_port());
-    let proxy = start_proxy(&workers, &["--backend", &dead]);
+fn a_backend_that_dies_is_skipped_without_a_failed_call() {
+    let mut workers = Worker::start_many(&["up0", "up1", "up2", "doomed"]);
+    let args = backends_args(&workers);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Checks so rare that only real traffic can notice the death.
+    let proxy = Proxy::start_env(&refs, &[("PORTSHARE_HEALTH__INTERVAL", "1h")]);
+    eventually(
+        Duration::from_secs(10),
+        "every backend checked healthy",
+        || proxy.backends().iter().all(|b| b["state"] == "healthy"),
+    );
+    let doomed = workers.pop().expect("four workers");
+    let dead = doomed.addr();
+    drop(doomed);
     let r = client(&["spread", "--target", &proxy.target(), "--channels", "30"]);
     assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
     let reached: HashSet<String> = spread_counts(&r).into_keys().collect();
@@ -252,9 +264,44 @@ fn a_backend_that_is_down_is_skipped_without_a_failed_call() {
     assert!(entry["connect_failures"].as_u64() >= Some(1), "{entry}");
     assert_eq!(entry["state"], "ejected", "{entry}");
     assert_eq!(entry["active_connections"], 0, "{entry}");
-    let (status, _) = proxy.admin_get("/readyz");
-    assert_eq!(status, 200);
+    assert_eq!(proxy.admin_get("/readyz").0, 200);
     assert_eq!(proxy.admin_get("/healthz").0, 200);
+}
+
+/// Active path: a backend that is down from the start fails its first check and never gets
+/// a connection.
+#[test]
+fn a_backend_that_is_down_from_the_start_gets_no_traffic() {
+    let workers = Worker::start_many(&["live0", "live1"]);
+    let dead = format!("127.0.0.1:{}", closed_port());
+    let proxy = start_proxy(&workers, &["--backend", &dead]);
+    eventually(
+        Duration::from_secs(10),
+        "the dead backend is marked unhealthy",
+        || {
+            proxy
+                .backends()
+                .iter()
+                .any(|b| b["name"] == dead.as_str() && b["state"] == "unhealthy")
+        },
+    );
+    let r = client(&["spread", "--target", &proxy.target(), "--channels", "20"]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    assert_eq!(spread_counts(&r).len(), 2, "{r}");
+    let tried =
+        format!("portshare_backend_connect_errors_total{{backend=\"{dead}\",reason=\"refused\"}}");
+    assert_eq!(
+        proxy.metric(&tried),
+        0.0,
+        "traffic was sent to a backend known to be down"
+    );
+    let (status, body) = proxy.admin_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(&format!("portshare_backend_up{{backend=\"{dead}\"}} 0")),
+        "{body}"
+    );
+    assert_eq!(proxy.admin_get("/readyz").0, 200);
 }
 
 #[cfg(unix)]

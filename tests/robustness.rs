@@ -94,24 +94,27 @@ fn five_hundred_connections_opened_and_dropped_at_once() {
     assert!(proxy.is_running());
 }
 
-/// A backend that reads until the client's half-close, then answers with the byte count.
-fn counting_backend() -> (String, thread::JoinHandle<()>) {
+/// A backend that, on every connection, reads until the client's half-close, then answers
+/// with the byte count (health checks connect too, so it serves any number).
+fn counting_backend() -> String {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr").to_string();
-    let h = thread::spawn(move || {
-        if let Ok((mut s, _)) = l.accept() {
-            let mut got = Vec::new();
-            if s.read_to_end(&mut got).is_ok() {
-                let _ = write!(s, "got {} bytes", got.len());
-            }
+    thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                if s.read_to_end(&mut got).is_ok() {
+                    let _ = write!(s, "got {} bytes", got.len());
+                }
+            });
         }
     });
-    (addr, h)
+    addr
 }
 
 #[test]
 fn half_close_is_passed_on_both_ways() {
-    let (backend, served) = counting_backend();
+    let backend = counting_backend();
     let proxy = Proxy::start(&["--backend", &backend]);
     let mut s = TcpStream::connect(proxy.addr).expect("connect");
     s.write_all(b"hello").expect("send");
@@ -119,7 +122,6 @@ fn half_close_is_passed_on_both_ways() {
     // The backend only answers after it saw our FIN; its own close must reach us as EOF.
     let answer = read_until_closed(&mut s);
     assert_eq!(String::from_utf8_lossy(&answer), "got 5 bytes");
-    served.join().expect("backend thread");
 }
 
 #[test]
@@ -127,12 +129,13 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
     // A backend that accepts and then says nothing, like a worker waiting for a request.
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let backend = l.local_addr().expect("addr").to_string();
-    let holder = thread::spawn(move || {
-        l.accept().map(|(s, _)| {
-            let mut s = s;
-            let mut sink = Vec::new();
-            let _ = s.read_to_end(&mut sink);
-        })
+    thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            thread::spawn(move || {
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink);
+            });
+        }
     });
     let proxy = Proxy::start(&["--backend", &backend, "--idle-timeout", "300ms"]);
     let mut s = TcpStream::connect(proxy.addr).expect("connect");
@@ -144,7 +147,6 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
         started.elapsed() < Duration::from_secs(9),
         "not closed by the idle timeout"
     );
-    let _ = holder.join();
 }
 
 /// Out of file descriptors: accept fails with EMFILE, which is logged and backed off (not a

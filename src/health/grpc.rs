@@ -1,1 +1,1309 @@
-//! The `grpc.health.v1.Health/Check` probe.
+//! The `grpc.health.v1.Health/Check` probe: a minimal gRPC client built directly on
+//! hyper's HTTP/2 client, so portshare needs neither tonic nor a protobuf crate for the
+//! one tiny call it makes.
+//!
+//! # Wire format
+//! A unary gRPC call is an HTTP/2 `POST` to `/<package>.<Service>/<Method>` with
+//! `content-type: application/grpc` and `te: trailers`. Each message, request or response,
+//! is framed by a 5-byte prefix (a compression flag, then the length as a big-endian `u32`)
+//! and encoded as protobuf. The outcome travels in the `grpc-status` / `grpc-message`
+//! trailers, or in the response headers when the server answers without a body (a
+//! "Trailers-Only" response, which is how grpcio reports `UNIMPLEMENTED` or `NOT_FOUND`).
+//!
+//! The two messages involved are small enough to encode and decode by hand:
+//! `HealthCheckRequest { string service = 1; }` and
+//! `HealthCheckResponse { ServingStatus status = 1; }`.
+//!
+//! # Connections
+//! Each [`GrpcProbe`] keeps one plain-text HTTP/2 connection (prior knowledge, no TLS, no
+//! upgrade) to its backend and reuses it for every check, opening a new one only when the
+//! old one is gone or a check on it failed at the transport level. The connection sends
+//! no keep-alive pings and keeps hyper's adaptive window (BDP probing, which also pings)
+//! off: grpcio servers answer pings they find too frequent with
+//! `GOAWAY too_many_pings`, which would turn every probe into a reconnect.
+//!
+//! A spawned task drives each connection; it ends when the probe (and with it the
+//! connection's only `SendRequest`) is dropped or replaced, or when the connection fails.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue, TE, USER_AGENT};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// The method path of the standard health check.
+const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+
+/// The largest response body accepted. A `HealthCheckResponse` takes a handful of bytes;
+/// anything this big is not a health check answer, and capping it keeps a confused or
+/// hostile backend from making the prober buffer without bound.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// The media type every gRPC request and response carries (possibly with a `+proto`-style
+/// suffix on responses).
+const GRPC_CONTENT_TYPE: &str = "application/grpc";
+
+/// Length of the gRPC message prefix: one flag byte and a big-endian `u32` length.
+const FRAME_HEADER_LEN: usize = 5;
+
+/// The gRPC status codes this module names in messages; the full list is in the gRPC
+/// spec's `statuscodes.md`.
+const STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// `grpc.health.v1.HealthCheckResponse.ServingStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServingStatus {
+    /// `UNKNOWN` (0): the server does not know; also any value this client does not know,
+    /// and a response that leaves the field out (proto3 omits a zero field).
+    Unknown,
+    /// `SERVING` (1).
+    Serving,
+    /// `NOT_SERVING` (2).
+    NotServing,
+    /// `SERVICE_UNKNOWN` (3): only sent by the streaming `Watch`, mapped for completeness.
+    ServiceUnknown,
+}
+
+impl ServingStatus {
+    /// Maps the enum's wire value. proto3 enums are open, so numbers added to the enum
+    /// after this was written read as [`ServingStatus::Unknown`] instead of failing.
+    pub fn from_wire(value: i32) -> Self {
+        match value {
+            1 => Self::Serving,
+            2 => Self::NotServing,
+            3 => Self::ServiceUnknown,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// The name the `.proto` file gives the value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "UNKNOWN",
+            Self::Serving => "SERVING",
+            Self::NotServing => "NOT_SERVING",
+            Self::ServiceUnknown => "SERVICE_UNKNOWN",
+        }
+    }
+}
+
+impl fmt::Display for ServingStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a check gave no [`ServingStatus`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The TCP connection could not be opened (refused, unreachable, out of descriptors).
+    #[error("cannot connect: {0}")]
+    Connect(#[source] io::Error),
+    /// The whole check (connect included) took longer than the timeout it was given.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The HTTP/2 layer failed: handshake, connection lost, stream reset.
+    #[error("HTTP/2: {0}")]
+    Http2(#[source] hyper::Error),
+    /// The server answered with a non-zero `grpc-status`, e.g. 12 `UNIMPLEMENTED` when the
+    /// worker has no health service, or 5 `NOT_FOUND` for a service it does not know. A
+    /// non-200 HTTP status is reported here too, translated to a gRPC code the way the
+    /// gRPC spec's `http-grpc-status-mapping.md` says (404 becomes `UNIMPLEMENTED`, …).
+    #[error("grpc-status {code} ({}){}", status_name(*.code), message_suffix(.message))]
+    Status {
+        /// The gRPC status code.
+        code: u32,
+        /// The `grpc-message`, percent-decoded; empty if the server sent none.
+        message: String,
+    },
+    /// The response broke the gRPC or protobuf wire format (truncated frame or varint,
+    /// missing `grpc-status`, a body over the size cap, …).
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    /// The request could not be built; only an absurd service name (over 4 GiB, beyond
+    /// what a gRPC frame can carry) gets here.
+    #[error("cannot build the request: {0}")]
+    Request(String),
+}
+
+/// The gRPC name of a status code, for error messages.
+fn status_name(code: u32) -> &'static str {
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| STATUS_NAMES.get(i))
+        .copied()
+        .unwrap_or("unknown code")
+}
+
+/// `": message"`, or nothing for the empty message grpcio sends with `NOT_FOUND`.
+fn message_suffix(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
+/// A health-check client for one backend, holding its connection between checks.
+#[derive(Debug)]
+pub struct GrpcProbe {
+    /// The backend checked.
+    addr: SocketAddr,
+    /// The service name put in the request; empty asks about the server as a whole.
+    service: String,
+    /// The open connection, if any. `None` before the first check and after one that left
+    /// the connection in doubt; the next check then opens a fresh one.
+    conn: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl GrpcProbe {
+    /// A probe for `service` (`""` for the server as a whole) on the backend at `addr`.
+    /// Connects lazily, on the first [`check`](Self::check).
+    pub fn new(addr: SocketAddr, service: impl Into<String>) -> Self {
+        Self {
+            addr,
+            service: service.into(),
+            conn: None,
+        }
+    }
+
+    /// The backend this probe checks.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The service name this probe asks about.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// One check, bounded by `timeout` as a whole (connect + call).
+    ///
+    /// Reuses the connection from the previous check when it is still open. Never panics
+    /// on anything the backend sends.
+    pub async fn check(&mut self, timeout: Duration) -> Result<ServingStatus, ProbeError> {
+        let started = Instant::now();
+        match tokio::time::timeout(timeout, self.check_within(started, timeout)).await {
+            Ok(result) => result,
+            Err(_elapsed) => {
+                // With no pings on the connection, a frozen worker and a dead network path
+                // look the same as a slow answer. Drop the connection so the next check
+                // starts from a fresh one instead of queueing behind a half-open socket;
+                // at probe cadence a reconnect costs nothing.
+                self.conn = None;
+                Err(ProbeError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// The check itself; [`check`](Self::check) bounds it with the timeout.
+    async fn check_within(
+        &mut self,
+        started: Instant,
+        timeout: Duration,
+    ) -> Result<ServingStatus, ProbeError> {
+        let body = encode_request_frame(&self.service)?;
+        let uri = Uri::try_from(format!("http://{}{CHECK_PATH}", authority(self.addr)))
+            .map_err(|e| ProbeError::Request(format!("URI: {e}")))?;
+        // grpc-timeout tells the server how long the caller still waits, so grpcio can give
+        // up (DEADLINE_EXCEEDED) on a check nobody will read; measured from the start so a
+        // slow connect is counted.
+        let request = |body: Bytes| {
+            build_request(uri.clone(), body, timeout.saturating_sub(started.elapsed()))
+        };
+
+        let (mut sender, reused) = match self.conn.take() {
+            Some(sender) if !sender.is_closed() => (sender, true),
+            _ => (connect(self.addr).await?, false),
+        };
+        let response = match sender.send_request(request(body.clone())?).await {
+            Ok(response) => response,
+            Err(error) if reused => {
+                // The kept connection went away (the worker restarted or closed it) before
+                // its driver noticed, or during this very call. A health check is
+                // idempotent, so try once more on a fresh connection rather than report a
+                // healthy worker as failing.
+                tracing::debug!(
+                    addr = %self.addr,
+                    %error,
+                    "health probe: kept connection failed; reconnecting"
+                );
+                sender = connect(self.addr).await?;
+                sender
+                    .send_request(request(body)?)
+                    .await
+                    .map_err(ProbeError::Http2)?
+            }
+            Err(error) => return Err(ProbeError::Http2(error)),
+        };
+        // The stream got response headers, so the connection works: keep it for the next
+        // check whatever the answer says.
+        self.conn = Some(sender);
+
+        let result = read_response(response).await;
+        if let Err(ProbeError::Http2(_)) = &result {
+            // Without the h2 crate's error type a stream reset cannot be told from a lost
+            // connection; assume the worse, since reconnecting is cheap.
+            self.conn = None;
+        }
+        result
+    }
+}
+
+/// The `:authority` for `addr`. Written by hand rather than with `SocketAddr`'s `Display`
+/// because that adds an IPv6 scope id (`%2`), which is not valid in a URI authority.
+fn authority(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    }
+}
+
+/// Opens a TCP connection to `addr`, does the HTTP/2 handshake and spawns the task that
+/// drives the connection.
+async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, ProbeError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(ProbeError::Connect)?;
+    // A check is one small request and one small response: Nagle would only delay them.
+    stream.set_nodelay(true).map_err(ProbeError::Connect)?;
+
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    // Both are hyper's defaults today; set them anyway, because either one sending pings
+    // gets the connection closed by grpcio (GOAWAY too_many_pings).
+    builder.keep_alive_interval(None).adaptive_window(false);
+    let (sender, connection) = builder
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ProbeError::Http2)?;
+    // The driver finishes once every SendRequest is dropped (the probe replaced or dropped
+    // its connection) or the connection fails, so it cannot outlive its use.
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%addr, %error, "health probe connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Builds the `Check` request around an already framed body.
+fn build_request(
+    uri: Uri,
+    body: Bytes,
+    remaining: Duration,
+) -> Result<Request<Full<Bytes>>, ProbeError> {
+    let grpc_timeout = HeaderValue::try_from(format_grpc_timeout(remaining))
+        .map_err(|e| ProbeError::Request(format!("grpc-timeout: {e}")))?;
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_2;
+    let headers = request.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(GRPC_CONTENT_TYPE));
+    // Required by gRPC: it tells proxies on the way that the client understands trailers,
+    // where the status lives.
+    headers.insert(TE, HeaderValue::from_static("trailers"));
+    headers.insert("grpc-timeout", grpc_timeout);
+    headers.insert(
+        USER_AGENT,
+        HeaderValue::from_static(concat!("portshare/", env!("CARGO_PKG_VERSION"))),
+    );
+    Ok(request)
+}
+
+/// `remaining` in the `grpc-timeout` format: at most 8 digits and a unit letter. Rounded
+/// up so a nearly spent budget never reads as `0m` (already expired).
+fn format_grpc_timeout(remaining: Duration) -> String {
+    const MAX_DIGITS_VALUE: u128 = 99_999_999;
+    let nanos = remaining.as_nanos();
+    // Milliseconds reach 27 hours, beyond any sensible probe timeout; the coarser units
+    // only keep absurd values within the 8-digit limit.
+    let units: [(u128, char); 4] = [
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+        (3_600_000_000_000, 'H'),
+    ];
+    for (unit_nanos, letter) in units {
+        let value = nanos.div_ceil(unit_nanos).max(1);
+        if value <= MAX_DIGITS_VALUE {
+            return format!("{value}{letter}");
+        }
+    }
+    format!("{MAX_DIGITS_VALUE}H")
+}
+
+/// Turns the response into a serving status: HTTP status, then `grpc-status` (from the
+/// trailers, or from the headers of a Trailers-Only response), then the message.
+async fn read_response(response: Response<Incoming>) -> Result<ServingStatus, ProbeError> {
+    let (parts, mut body) = response.into_parts();
+
+    // A grpc-status in the headers marks a Trailers-Only response: the status is all
+    // there is, whatever the HTTP status says.
+    if let Some(code) = grpc_status(&parts.headers)? {
+        return Err(status_error(code, &parts.headers).unwrap_or_else(|| {
+            ProbeError::Malformed("grpc-status 0 without a response message".into())
+        }));
+    }
+    if parts.status != StatusCode::OK {
+        return Err(ProbeError::Status {
+            code: code_for_http_status(parts.status),
+            message: format!("HTTP status {}", parts.status),
+        });
+    }
+    if let Some(content_type) = parts.headers.get(CONTENT_TYPE)
+        && !content_type
+            .as_bytes()
+            .starts_with(GRPC_CONTENT_TYPE.as_bytes())
+    {
+        return Err(ProbeError::Malformed(format!(
+            "content-type {content_type:?} is not gRPC"
+        )));
+    }
+
+    let mut data = BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ProbeError::Http2)?;
+        match frame.into_data() {
+            Ok(chunk) => {
+                if data.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    return Err(ProbeError::Malformed(format!(
+                        "response body over {MAX_RESPONSE_BYTES} bytes"
+                    )));
+                }
+                data.extend_from_slice(&chunk);
+            }
+            Err(frame) => {
+                if let Ok(map) = frame.into_trailers() {
+                    trailers = Some(map);
+                }
+            }
+        }
+    }
+
+    let trailers = trailers.ok_or_else(|| {
+        ProbeError::Malformed("response ended without trailers (no grpc-status)".into())
+    })?;
+    let code = grpc_status(&trailers)?
+        .ok_or_else(|| ProbeError::Malformed("trailers without grpc-status".into()))?;
+    if let Some(error) = status_error(code, &trailers) {
+        return Err(error);
+    }
+    decode_response_frame(&data)
+}
+
+/// The `grpc-status` in `headers`, if there is one.
+fn grpc_status(headers: &HeaderMap) -> Result<Option<u32>, ProbeError> {
+    let Some(value) = headers.get("grpc-status") else {
+        return Ok(None);
+    };
+    // The spec allows only ASCII digits; `str::parse` alone would also take a leading '+'.
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(ProbeError::Malformed(format!(
+            "grpc-status {value:?} is not a number"
+        )));
+    }
+    String::from_utf8_lossy(digits)
+        .parse()
+        .map(Some)
+        .map_err(|_| ProbeError::Malformed(format!("grpc-status {value:?} is out of range")))
+}
+
+/// `None` for status 0, otherwise the error carrying `code` and the `grpc-message`.
+fn status_error(code: u32, headers: &HeaderMap) -> Option<ProbeError> {
+    (code != 0).then(|| ProbeError::Status {
+        code,
+        message: headers
+            .get("grpc-message")
+            .map(|m| percent_decode(m.as_bytes()))
+            .unwrap_or_default(),
+    })
+}
+
+/// Decodes a `grpc-message`, which the spec percent-encodes (UTF-8 underneath). Malformed
+/// escapes are kept as they are, as the spec asks, since the message is only for people.
+fn percent_decode(input: &[u8]) -> String {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        let escaped = match (input[i], input.get(i + 1), input.get(i + 2)) {
+            (b'%', Some(&hi), Some(&lo)) => hex(hi).zip(hex(lo)).map(|(h, l)| (h << 4 | l) as u8),
+            _ => None,
+        };
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(input[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The gRPC code a client derives from a non-200 HTTP status with no `grpc-status`
+/// (`http-grpc-status-mapping.md` in the gRPC spec).
+fn code_for_http_status(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    }
+}
+
+/// Shorthand for a [`ProbeError::Malformed`].
+fn malformed(what: impl Into<String>) -> ProbeError {
+    ProbeError::Malformed(what.into())
+}
+
+/// Appends `value` as a protobuf base-128 varint: 7 bits a byte, least significant first,
+/// the top bit set on every byte but the last.
+fn encode_varint(mut value: u64, out: &mut BytesMut) {
+    while value >= 0x80 {
+        out.put_u8((value & 0x7f) as u8 | 0x80);
+        value >>= 7;
+    }
+    out.put_u8(value as u8);
+}
+
+/// Reads a varint from the front of `buf`: its value and how many bytes it took.
+fn decode_varint(buf: &[u8]) -> Result<(u64, usize), ProbeError> {
+    let mut value = 0u64;
+    // A u64 needs at most 10 groups of 7 bits; the 10th may only hold the top bit.
+    for (i, &byte) in buf.iter().take(10).enumerate() {
+        if i == 9 && byte > 1 {
+            return Err(malformed("varint overflows 64 bits"));
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok((value, i + 1));
+        }
+    }
+    Err(malformed("truncated varint"))
+}
+
+/// `buf` without its first `n` bytes, or an error naming `what` was cut short.
+fn skip<'a>(buf: &'a [u8], n: usize, what: &str) -> Result<&'a [u8], ProbeError> {
+    buf.get(n..)
+        .ok_or_else(|| malformed(format!("truncated {what}")))
+}
+
+/// Protobuf field 1 with wire type 2 (length-delimited): `1 << 3 | 2`.
+const REQUEST_SERVICE_TAG: u8 = 0x0a;
+
+/// Protobuf wire types (the low three bits of a field's key).
+const WIRE_VARINT: u64 = 0;
+/// 8 fixed bytes (`fixed64`, `sfixed64`, `double`).
+const WIRE_FIXED64: u64 = 1;
+/// A varint length, then that many bytes (strings, bytes, messages, packed fields).
+const WIRE_LEN: u64 = 2;
+/// 4 fixed bytes (`fixed32`, `sfixed32`, `float`).
+const WIRE_FIXED32: u64 = 5;
+
+/// `HealthCheckRequest { service }` as protobuf. proto3 leaves a field at its default
+/// value out, so an empty service is an empty message.
+fn encode_request(service: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    if !service.is_empty() {
+        out.put_u8(REQUEST_SERVICE_TAG);
+        encode_varint(service.len() as u64, &mut out);
+        out.put_slice(service.as_bytes());
+    }
+    out.freeze()
+}
+
+/// The request body: the gRPC prefix (uncompressed, length) and the encoded request.
+fn encode_request_frame(service: &str) -> Result<Bytes, ProbeError> {
+    let message = encode_request(service);
+    let len = u32::try_from(message.len()).map_err(|_| {
+        ProbeError::Request(format!(
+            "a {}-byte service name does not fit in a gRPC message",
+            service.len()
+        ))
+    })?;
+    let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + message.len());
+    out.put_u8(0);
+    out.put_u32(len);
+    out.put_slice(&message);
+    Ok(out.freeze())
+}
+
+/// Decodes a whole response body: exactly one uncompressed gRPC message holding a
+/// `HealthCheckResponse`.
+fn decode_response_frame(body: &[u8]) -> Result<ServingStatus, ProbeError> {
+    if body.is_empty() {
+        return Err(malformed("grpc-status 0 without a response message"));
+    }
+    let (header, rest) = body
+        .split_first_chunk::<FRAME_HEADER_LEN>()
+        .ok_or_else(|| malformed("truncated gRPC message prefix"))?;
+    let [flag, len @ ..] = *header;
+    match flag {
+        0 => {}
+        // The request sent no grpc-accept-encoding, so a compressed answer is a server bug.
+        1 => {
+            return Err(malformed(
+                "compressed message, though no compression was offered",
+            ));
+        }
+        other => return Err(malformed(format!("gRPC message flag {other:#04x}"))),
+    }
+    let len = usize::try_from(u32::from_be_bytes(len))
+        .map_err(|_| malformed("gRPC message length does not fit in memory"))?;
+    match rest.len().cmp(&len) {
+        std::cmp::Ordering::Less => Err(malformed(format!(
+            "truncated gRPC message: {} of {len} bytes",
+            rest.len()
+        ))),
+        std::cmp::Ordering::Greater => Err(malformed(format!(
+            "{} bytes after the gRPC message",
+            rest.len() - len
+        ))),
+        std::cmp::Ordering::Equal => decode_response(rest),
+    }
+}
+
+/// Decodes `HealthCheckResponse { ServingStatus status = 1; }`, skipping fields a newer
+/// schema may have added.
+fn decode_response(mut msg: &[u8]) -> Result<ServingStatus, ProbeError> {
+    // proto3: a missing field holds its default, 0 = UNKNOWN.
+    let mut status = 0i32;
+    while !msg.is_empty() {
+        let (key, n) = decode_varint(msg)?;
+        msg = skip(msg, n, "field key")?;
+        if key >> 3 == 0 || key > u64::from(u32::MAX) {
+            return Err(malformed(format!("invalid field key {key}")));
+        }
+        let (field, wire) = (key >> 3, key & 0x7);
+        match (field, wire) {
+            (1, WIRE_VARINT) => {
+                let (value, n) = decode_varint(msg)?;
+                msg = skip(msg, n, "status")?;
+                // Enums are int32 on the wire, negative ones sign-extended to 64 bits;
+                // truncating is what protobuf specifies. Repeats: the last one wins.
+                status = value as i32;
+            }
+            (1, _) => {
+                return Err(malformed(format!(
+                    "status field has wire type {wire}, not varint"
+                )));
+            }
+            (_, WIRE_VARINT) => {
+                let (_, n) = decode_varint(msg)?;
+                msg = skip(msg, n, "varint field")?;
+            }
+            (_, WIRE_FIXED64) => msg = skip(msg, 8, "64-bit field")?,
+            (_, WIRE_LEN) => {
+                let (len, n) = decode_varint(msg)?;
+                msg = skip(msg, n, "length-delimited field")?;
+                let len = usize::try_from(len)
+                    .map_err(|_| malformed("truncated length-delimited field"))?;
+                msg = skip(msg, len, "length-delimited field")?;
+            }
+            (_, WIRE_FIXED32) => msg = skip(msg, 4, "32-bit field")?,
+            // 3 and 4 are the long-deprecated groups, never used in proto3; 6 and 7 do
+            // not exist.
+            (_, other) => {
+                return Err(malformed(format!("unsupported wire type {other}")));
+            }
+        }
+    }
+    Ok(ServingStatus::from_wire(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::net::{Ipv6Addr, SocketAddrV6};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::Empty;
+    use http_body_util::combinators::BoxBody;
+    use hyper::service::service_fn;
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+    use tokio::task::JoinHandle;
+
+    // ---- encoder ----
+
+    #[test]
+    fn empty_service_is_an_empty_message_in_a_5_byte_frame() {
+        assert!(encode_request("").is_empty());
+        // Flag 0 (uncompressed), length 0 as a big-endian u32, no payload.
+        assert_eq!(&encode_request_frame("").unwrap()[..], &[0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn service_name_is_field_1_length_delimited() {
+        // "portshare.test.Echo" is 19 bytes. Key: field 1, wire type 2 -> (1 << 3) | 2 =
+        // 0x0a; length 19 = 0x13 fits one varint byte; message = 1 + 1 + 19 = 21 = 0x15.
+        let mut expected = vec![0x00, 0x00, 0x00, 0x00, 0x15, 0x0a, 0x13];
+        expected.extend_from_slice(b"portshare.test.Echo");
+        assert_eq!(
+            &encode_request_frame("portshare.test.Echo").unwrap()[..],
+            &expected[..]
+        );
+    }
+
+    #[test]
+    fn long_service_name_gets_a_two_byte_length_varint() {
+        // 300 = 0b10_0101100: low 7 bits 0x2c with the continuation bit -> 0xac, then
+        // 300 >> 7 = 2 -> 0x02. Message: 1 + 2 + 300 = 303 = 0x012f.
+        let name = "x".repeat(300);
+        let frame = encode_request_frame(&name).unwrap();
+        assert_eq!(
+            &frame[..8],
+            &[0x00, 0x00, 0x00, 0x01, 0x2f, 0x0a, 0xac, 0x02]
+        );
+        assert_eq!(&frame[8..], name.as_bytes());
+    }
+
+    #[test]
+    fn varints_round_trip_at_the_byte_boundaries() {
+        let cases: [(u64, &[u8]); 6] = [
+            (0, &[0x00]),
+            (1, &[0x01]),
+            (127, &[0x7f]),
+            (128, &[0x80, 0x01]),
+            (150, &[0x96, 0x01]),
+            (
+                u64::MAX,
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+            ),
+        ];
+        for (value, bytes) in cases {
+            let mut out = BytesMut::new();
+            encode_varint(value, &mut out);
+            assert_eq!(&out[..], bytes, "encoding {value}");
+            assert_eq!(decode_varint(bytes).unwrap(), (value, bytes.len()));
+        }
+    }
+
+    // ---- decoder ----
+
+    /// `msg` behind a gRPC message prefix.
+    fn frame(msg: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        out.extend_from_slice(msg);
+        out
+    }
+
+    fn assert_malformed(result: Result<ServingStatus, ProbeError>) {
+        assert!(
+            matches!(result, Err(ProbeError::Malformed(_))),
+            "expected Malformed, got {result:?}"
+        );
+    }
+
+    #[test]
+    fn decodes_each_status() {
+        // Key 0x08 = field 1, wire type 0 (varint).
+        let cases = [
+            (0, ServingStatus::Unknown),
+            (1, ServingStatus::Serving),
+            (2, ServingStatus::NotServing),
+            (3, ServingStatus::ServiceUnknown),
+        ];
+        for (value, status) in cases {
+            assert_eq!(
+                decode_response_frame(&frame(&[0x08, value])).unwrap(),
+                status
+            );
+        }
+    }
+
+    #[test]
+    fn missing_status_field_is_unknown() {
+        assert_eq!(
+            decode_response_frame(&frame(&[])).unwrap(),
+            ServingStatus::Unknown
+        );
+    }
+
+    #[test]
+    fn values_beyond_the_enum_are_unknown() {
+        let cases: [&[u8]; 3] = [
+            &[0x08, 0x04],
+            // 150, two varint bytes.
+            &[0x08, 0x96, 0x01],
+            // -1: a negative int32 is sign-extended to ten bytes.
+            &[
+                0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ],
+        ];
+        for msg in cases {
+            assert_eq!(
+                decode_response_frame(&frame(msg)).unwrap(),
+                ServingStatus::Unknown,
+                "{msg:02x?}"
+            );
+        }
+        // 2^32 + 1 truncates to 1, as int32 fields do in protobuf.
+        assert_eq!(
+            decode_response(&[0x08, 0x81, 0x80, 0x80, 0x80, 0x10]).unwrap(),
+            ServingStatus::Serving
+        );
+    }
+
+    #[test]
+    fn unknown_fields_of_every_wire_type_are_skipped() {
+        let msg = [
+            0x10, 0x96, 0x01, // field 2, varint 150
+            0x19, 1, 2, 3, 4, 5, 6, 7, 8, // field 3, fixed64
+            0x22, 0x03, b'a', b'b', b'c', // field 4, 3 length-delimited bytes
+            0x2d, 1, 2, 3, 4, // field 5, fixed32
+            0x08, 0x01, // field 1 = SERVING
+            0xa0, 0x1f, 0x07, // field 500 (key 4000 = 0xa0 0x1f), varint 7
+        ];
+        assert_eq!(
+            decode_response_frame(&frame(&msg)).unwrap(),
+            ServingStatus::Serving
+        );
+        // A repeated singular field: the last value wins.
+        assert_eq!(
+            decode_response(&[0x08, 0x01, 0x08, 0x02]).unwrap(),
+            ServingStatus::NotServing
+        );
+    }
+
+    #[test]
+    fn truncated_varints_are_errors() {
+        assert_malformed(decode_response_frame(&frame(&[0x08]))); // no value
+        assert_malformed(decode_response_frame(&frame(&[0x08, 0x80]))); // cut mid-varint
+        assert_malformed(decode_response_frame(&frame(&[0x96]))); // cut mid-key
+        assert_malformed(decode_response(&[0x22, 0x80])); // cut length
+        // Eleven continuation bytes: longer than any u64.
+        assert_malformed(decode_response(&[
+            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ]));
+        assert_malformed(decode_response(&[
+            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02,
+        ]));
+    }
+
+    #[test]
+    fn truncated_fields_are_errors() {
+        assert_malformed(decode_response(&[0x22, 0x05, b'a'])); // 5 bytes promised, 1 given
+        assert_malformed(decode_response(&[0x19, 1, 2, 3])); // fixed64 cut short
+        assert_malformed(decode_response(&[0x2d, 1, 2])); // fixed32 cut short
+        // A huge length must not overflow the bounds arithmetic.
+        assert_malformed(decode_response(&[
+            0x22, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ]));
+    }
+
+    #[test]
+    fn bad_keys_and_wire_types_are_errors() {
+        assert_malformed(decode_response(&[0x00, 0x01])); // field number 0
+        assert_malformed(decode_response(&[0x0a, 0x01, 0x01])); // status as bytes
+        assert_malformed(decode_response(&[0x13])); // field 2, start group
+        assert_malformed(decode_response(&[0x16])); // field 2, wire type 6
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert_malformed(decode_response_frame(&[])); // no message at all
+        assert_malformed(decode_response_frame(&[0, 0, 0])); // cut prefix
+        assert_malformed(decode_response_frame(&[0, 0, 0, 0, 5, 0x08, 0x01])); // cut message
+        assert_malformed(decode_response_frame(&[0, 0, 0, 0, 2, 0x08, 0x01, 0x00])); // extra
+        assert_malformed(decode_response_frame(&[1, 0, 0, 0, 2, 0x08, 0x01])); // compressed
+        assert_malformed(decode_response_frame(&[7, 0, 0, 0, 2, 0x08, 0x01])); // bad flag
+    }
+
+    // ---- headers ----
+
+    #[test]
+    fn grpc_timeout_uses_milliseconds_rounded_up() {
+        assert_eq!(format_grpc_timeout(Duration::from_millis(1500)), "1500m");
+        assert_eq!(format_grpc_timeout(Duration::from_micros(1500)), "2m");
+        assert_eq!(format_grpc_timeout(Duration::ZERO), "1m");
+        assert_eq!(format_grpc_timeout(Duration::from_secs(100_000)), "100000S");
+        assert_eq!(format_grpc_timeout(Duration::MAX), "99999999H");
+        for d in [Duration::ZERO, Duration::from_secs(1), Duration::MAX] {
+            let s = format_grpc_timeout(d);
+            assert!(s.len() <= 9, "{s} has more than 8 digits");
+        }
+    }
+
+    #[test]
+    fn grpc_message_is_percent_decoded_leniently() {
+        assert_eq!(percent_decode(b"Method not found!"), "Method not found!");
+        assert_eq!(percent_decode(b"h%C3%A9llo%2525"), "h\u{e9}llo%25");
+        assert_eq!(percent_decode(b"bad %zz and %4"), "bad %zz and %4");
+    }
+
+    #[test]
+    fn status_errors_read_well() {
+        let with = ProbeError::Status {
+            code: 12,
+            message: "Method not found!".into(),
+        };
+        assert_eq!(
+            with.to_string(),
+            "grpc-status 12 (UNIMPLEMENTED): Method not found!"
+        );
+        let without = ProbeError::Status {
+            code: 5,
+            message: String::new(),
+        };
+        assert_eq!(without.to_string(), "grpc-status 5 (NOT_FOUND)");
+        let odd = ProbeError::Status {
+            code: 99,
+            message: String::new(),
+        };
+        assert_eq!(odd.to_string(), "grpc-status 99 (unknown code)");
+    }
+
+    #[test]
+    fn grpc_status_must_be_digits() {
+        let mut headers = HeaderMap::new();
+        assert!(grpc_status(&headers).unwrap().is_none());
+        headers.insert("grpc-status", HeaderValue::from_static("12"));
+        assert_eq!(grpc_status(&headers).unwrap(), Some(12));
+        for bad in ["+1", "", "x", "99999999999"] {
+            headers.insert("grpc-status", HeaderValue::from_static(bad));
+            assert!(grpc_status(&headers).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn ipv6_authority_drops_the_scope_id() {
+        let addr = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 50051, 0, 2));
+        assert_eq!(authority(addr), "[::1]:50051");
+        assert!(Uri::try_from(format!("http://{}{CHECK_PATH}", authority(addr))).is_ok());
+    }
+
+    #[test]
+    fn check_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let mut probe = GrpcProbe::new(SocketAddr::from(([127, 0, 0, 1], 1)), "");
+        assert_send(&probe.check(Duration::from_secs(1)));
+    }
+
+    // ---- end to end, against an in-process hyper HTTP/2 server ----
+
+    type TestBody = BoxBody<Bytes, Infallible>;
+
+    const SERVING: &[u8] = &[0x08, 0x01];
+    const NOT_SERVING: &[u8] = &[0x08, 0x02];
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// An HTTP/2 server on 127.0.0.1:0 answering every request with a handler.
+    struct TestServer {
+        addr: SocketAddr,
+        /// Connections accepted so far.
+        accepts: Arc<AtomicUsize>,
+        /// Connections that ended so far.
+        closed: Arc<AtomicUsize>,
+        /// Bumping it drops every open connection without a GOAWAY.
+        kill: watch::Sender<u64>,
+        accept_task: JoinHandle<()>,
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            self.accept_task.abort();
+        }
+    }
+
+    impl TestServer {
+        async fn start<F, Fut>(handler: F) -> Self
+        where
+            F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+            Fut: Future<Output = Response<TestBody>> + Send + 'static,
+        {
+            Self::start_with(watch::channel(0).0, handler).await
+        }
+
+        /// Like `start`, with the kill switch made by the caller so a handler can use it.
+        async fn start_with<F, Fut>(kill: watch::Sender<u64>, handler: F) -> Self
+        where
+            F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+            Fut: Future<Output = Response<TestBody>> + Send + 'static,
+        {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accepts = Arc::new(AtomicUsize::new(0));
+            let closed = Arc::new(AtomicUsize::new(0));
+            let accept_task = tokio::spawn({
+                let (accepts, closed, kill) = (accepts.clone(), closed.clone(), kill.clone());
+                async move {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            return;
+                        };
+                        accepts.fetch_add(1, Ordering::SeqCst);
+                        let handler = handler.clone();
+                        let closed = closed.clone();
+                        let mut killed = kill.subscribe();
+                        let generation = *killed.borrow();
+                        tokio::spawn(async move {
+                            let service = service_fn(move |req| {
+                                let answer = handler(req);
+                                async move { Ok::<_, Infallible>(answer.await) }
+                            });
+                            let conn =
+                                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                    .serve_connection(TokioIo::new(stream), service);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = killed.wait_for(|g| *g != generation) => {}
+                            }
+                            closed.fetch_add(1, Ordering::SeqCst);
+                        });
+                    }
+                }
+            });
+            Self {
+                addr,
+                accepts,
+                closed,
+                kill,
+                accept_task,
+            }
+        }
+
+        fn accepts(&self) -> usize {
+            self.accepts.load(Ordering::SeqCst)
+        }
+
+        fn kill_connections(&self) {
+            self.kill.send_modify(|g| *g += 1);
+        }
+
+        async fn wait_closed(&self, n: usize) {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while self.closed.load(Ordering::SeqCst) < n {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("server connection did not close");
+        }
+    }
+
+    /// A normal unary answer: headers, one message, trailers with grpc-status 0.
+    fn grpc_ok(msg: &[u8]) -> Response<TestBody> {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let body = Full::new(Bytes::from(frame(msg)))
+            .with_trailers(std::future::ready(Some(Ok(trailers))))
+            .boxed();
+        Response::builder()
+            .header(CONTENT_TYPE, "application/grpc")
+            .body(body)
+            .unwrap()
+    }
+
+    /// A Trailers-Only answer: the status in the one HEADERS frame, no body.
+    fn trailers_only(code: u32, message: &str) -> Response<TestBody> {
+        Response::builder()
+            .header(CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", code.to_string())
+            .header("grpc-message", message)
+            .body(Empty::new().boxed())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn e2e_serving() {
+        let server = TestServer::start(|_| async { grpc_ok(SERVING) }).await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        assert_eq!(probe.check(TIMEOUT).await.unwrap(), ServingStatus::Serving);
+    }
+
+    #[tokio::test]
+    async fn e2e_not_serving() {
+        let server = TestServer::start(|_| async { grpc_ok(NOT_SERVING) }).await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        assert_eq!(
+            probe.check(TIMEOUT).await.unwrap(),
+            ServingStatus::NotServing
+        );
+    }
+
+    #[tokio::test]
+    async fn e2e_trailers_only_unimplemented() {
+        let server =
+            TestServer::start(|_| async { trailers_only(12, "Method%20not%20found!") }).await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        match probe.check(TIMEOUT).await {
+            Err(ProbeError::Status { code, message }) => {
+                assert_eq!(code, 12);
+                assert_eq!(message, "Method not found!");
+            }
+            other => panic!("expected UNIMPLEMENTED, got {other:?}"),
+        }
+        // A gRPC-level failure leaves the connection usable.
+        let _ = probe.check(TIMEOUT).await;
+        assert_eq!(server.accepts(), 1);
+    }
+
+    /// What a grpcio health servicer does with the request, checking it on the way; a
+    /// request it finds wrong gets INVALID_ARGUMENT with the reason.
+    async fn strict_health_service(req: Request<Incoming>) -> Response<TestBody> {
+        let problem = |what: String| trailers_only(3, &what);
+        if req.method() != Method::POST || req.uri().path() != CHECK_PATH {
+            return problem(format!("{} {}", req.method(), req.uri()));
+        }
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        if header("content-type") != "application/grpc" || header("te") != "trailers" {
+            return problem(format!("headers {:?}", req.headers()));
+        }
+        let timeout = header("grpc-timeout");
+        let millis = timeout
+            .strip_suffix('m')
+            .and_then(|n| n.parse::<u64>().ok());
+        if !millis.is_some_and(|ms| ms > 0 && ms <= 5000) {
+            return problem(format!("grpc-timeout {timeout:?}"));
+        }
+        let body = match req.into_body().collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => return problem(format!("body: {e}")),
+        };
+        // The prefix, then (unless empty) field 1 = 0x0a, a varint length and the name.
+        let service = match body.as_ref() {
+            [0, 0, 0, 0, 0] => String::new(),
+            [0, l0, l1, l2, l3, 0x0a, rest @ ..] => {
+                let Ok((n, used)) = decode_varint(rest) else {
+                    return problem("length varint".into());
+                };
+                let name = &rest[used..];
+                let framed = u32::from_be_bytes([*l0, *l1, *l2, *l3]) as usize;
+                if framed != 1 + used + name.len() || n as usize != name.len() {
+                    return problem(format!("lengths in {body:02x?}"));
+                }
+                String::from_utf8_lossy(name).into_owned()
+            }
+            other => return problem(format!("body {other:02x?}")),
+        };
+        match service.as_str() {
+            "" | "portshare.test.Echo" => grpc_ok(SERVING),
+            _ => trailers_only(5, "unknown service"),
+        }
+    }
+
+    #[tokio::test]
+    async fn e2e_request_is_well_formed() {
+        let server = TestServer::start(strict_health_service).await;
+        for service in ["", "portshare.test.Echo"] {
+            let mut probe = GrpcProbe::new(server.addr, service);
+            assert_eq!(
+                probe.check(TIMEOUT).await.unwrap(),
+                ServingStatus::Serving,
+                "service {service:?}"
+            );
+        }
+        let mut probe = GrpcProbe::new(server.addr, "no.such.Service");
+        match probe.check(TIMEOUT).await {
+            Err(ProbeError::Status { code: 5, message }) => assert_eq!(message, "unknown service"),
+            other => panic!("expected NOT_FOUND, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn e2e_authority_is_the_backend_address() {
+        let server = TestServer::start(|req: Request<Incoming>| async move {
+            let authority = req.uri().authority().map(|a| a.to_string());
+            let local = req.headers().get("host").cloned();
+            match (authority, local) {
+                (Some(a), None) => trailers_only(3, &format!("authority={a}")),
+                other => trailers_only(3, &format!("unexpected {other:?}")),
+            }
+        })
+        .await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        match probe.check(TIMEOUT).await {
+            Err(ProbeError::Status { message, .. }) => {
+                assert_eq!(message, format!("authority={}", server.addr));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn e2e_two_checks_reuse_one_connection() {
+        let server = TestServer::start(|_| async { grpc_ok(SERVING) }).await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        for _ in 0..3 {
+            assert_eq!(probe.check(TIMEOUT).await.unwrap(), ServingStatus::Serving);
+        }
+        assert_eq!(server.accepts(), 1);
+    }
+
+    #[tokio::test]
+    async fn e2e_reconnects_after_the_server_closed_the_connection() {
+        let server = TestServer::start(|_| async { grpc_ok(SERVING) }).await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        assert_eq!(probe.check(TIMEOUT).await.unwrap(), ServingStatus::Serving);
+        server.kill_connections();
+        server.wait_closed(1).await;
+        assert_eq!(probe.check(TIMEOUT).await.unwrap(), ServingStatus::Serving);
+        assert_eq!(server.accepts(), 2);
+    }
+
+    #[tokio::test]
+    async fn e2e_retries_once_when_the_kept_connection_dies_mid_call() {
+        // The second request arrives on the kept connection, and the server drops that
+        // connection instead of answering: the probe cannot have seen it coming, so this
+        // exercises the retry on a fresh connection rather than the closed-check.
+        let (kill, _) = watch::channel(0u64);
+        let requests = Arc::new(AtomicUsize::new(0));
+        let server = TestServer::start_with(kill.clone(), {
+            let requests = requests.clone();
+            move |_| {
+                let n = requests.fetch_add(1, Ordering::SeqCst);
+                let kill = kill.clone();
+                async move {
+                    if n == 1 {
+                        kill.send_modify(|g| *g += 1);
+                        std::future::pending::<()>().await;
+                    }
+                    grpc_ok(SERVING)
+                }
+            }
+        })
+        .await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        assert_eq!(probe.check(TIMEOUT).await.unwrap(), ServingStatus::Serving);
+        assert_eq!(probe.check(TIMEOUT).await.unwrap(), ServingStatus::Serving);
+        assert_eq!(requests.load(Ordering::SeqCst), 3);
+        assert_eq!(server.accepts(), 2);
+    }
+
+    #[tokio::test]
+    async fn e2e_closed_port_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let mut probe = GrpcProbe::new(addr, "");
+        match probe.check(TIMEOUT).await {
+            Err(ProbeError::Connect(e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused)
+            }
+            other => panic!("expected a connect error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn e2e_silent_server_times_out_within_the_timeout() {
+        let server = TestServer::start(|_| std::future::pending()).await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        let timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let result = probe.check(timeout).await;
+        let elapsed = started.elapsed();
+        assert!(
+            matches!(result, Err(ProbeError::Timeout(t)) if t == timeout),
+            "{result:?}"
+        );
+        assert!(elapsed >= timeout, "gave up early: {elapsed:?}");
+        assert!(
+            elapsed < timeout + Duration::from_millis(500),
+            "{elapsed:?}"
+        );
+        // A timed-out connection is not trusted again: the next check opens a new one.
+        let _ = probe.check(timeout).await;
+        assert_eq!(server.accepts(), 2);
+    }
+
+    #[tokio::test]
+    async fn e2e_dropping_the_probe_closes_its_connection() {
+        let server = TestServer::start(|_| async { grpc_ok(SERVING) }).await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        assert_eq!(probe.check(TIMEOUT).await.unwrap(), ServingStatus::Serving);
+        drop(probe);
+        server.wait_closed(1).await;
+    }
+
+    #[tokio::test]
+    async fn e2e_http_404_maps_to_unimplemented() {
+        let server = TestServer::start(|_| async {
+            Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .body(Empty::new().boxed())
+                .unwrap()
+        })
+        .await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        assert!(matches!(
+            probe.check(TIMEOUT).await,
+            Err(ProbeError::Status { code: 12, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn e2e_missing_trailers_and_oversized_bodies_are_malformed() {
+        let server = TestServer::start(|req: Request<Incoming>| async move {
+            let body = if req.headers().contains_key("x-big") {
+                vec![0u8; MAX_RESPONSE_BYTES + 1]
+            } else {
+                frame(SERVING)
+            };
+            Response::builder()
+                .header(CONTENT_TYPE, "application/grpc")
+                .body(Full::new(Bytes::from(body)).boxed())
+                .unwrap()
+        })
+        .await;
+        let mut probe = GrpcProbe::new(server.addr, "");
+        assert_malformed(probe.check(TIMEOUT).await);
+
+        // The oversized case, driven by hand since the probe's request has no x-big.
+        let mut sender = connect(server.addr).await.unwrap();
+        let uri = Uri::try_from(format!("http://{}{CHECK_PATH}", authority(server.addr))).unwrap();
+        let mut request = build_request(uri, encode_request_frame("").unwrap(), TIMEOUT).unwrap();
+        request
+            .headers_mut()
+            .insert("x-big", HeaderValue::from_static("1"));
+        let response = sender.send_request(request).await.unwrap();
+        assert_malformed(read_response(response).await);
+    }
+}

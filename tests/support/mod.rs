@@ -257,6 +257,13 @@ impl Proxy {
         Self::spawn(portshare(), args)
     }
 
+    /// Like [`Proxy::start`], with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut cmd = portshare();
+        cmd.envs(env.iter().copied());
+        Self::spawn(cmd, args)
+    }
+
     /// Like [`Proxy::start`], but runs portshare through `wrapper` (e.g. `prlimit`), whose
     /// own arguments `wrapper_args` end with the path to the binary.
     pub fn start_with(wrapper: &str, wrapper_args: &[String]) -> Proxy {

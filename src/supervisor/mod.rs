@@ -1,0 +1,456 @@
+//! Spawned workers: start N copies of the worker command on their own ports, watch them,
+//! restart the ones that exit (with jittered exponential backoff), end portshare on a crash
+//! loop, and stop them cleanly (SIGTERM, then SIGKILL after a grace period).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where a worker's stdout and stderr go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerOutput {
+    /// Read line by line and written to portshare's own stdout/stderr with a `[worker N]`
+    /// prefix, so interleaved output stays attributable.
+    Prefix,
+    /// Shared with portshare as is (no copying; lines of different workers may mix).
+    Inherit,
+}
+
+impl WorkerOutput {
+    /// The spelling in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerOutput::Prefix => "prefix",
+            WorkerOutput::Inherit => "inherit",
+        }
+    }
+}
+
+/// How workers are started, restarted and stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkersConfig {
+    /// How many run at once.
+    pub count: usize,
+    /// Program and arguments; `{port}` and `{index}` are substituted in the arguments.
+    pub command: Vec<String>,
+    /// Worker i listens on `port_base + i`; 0 means free ports picked at start.
+    pub port_base: u16,
+    /// Extra environment for every worker.
+    pub env: BTreeMap<String, String>,
+    /// Working directory; portshare's own when unset.
+    pub cwd: Option<PathBuf>,
+    /// Where worker output goes.
+    pub output: WorkerOutput,
+    /// How long a worker may take to exit after SIGTERM before it gets SIGKILL.
+    pub stop_grace: Duration,
+    /// First delay before a restart; doubles on each exit in a row.
+    pub restart_backoff: Duration,
+    /// Longest delay before a restart.
+    pub restart_backoff_max: Duration,
+    /// This many exits of one worker within `crash_loop_window` end portshare.
+    pub crash_loop_restarts: u32,
+    /// See `crash_loop_restarts`; a worker that ran this long also starts its backoff over.
+    pub crash_loop_window: Duration,
+}
+
+#[cfg(unix)]
+mod unix;
+#[cfg(unix)]
+use unix as platform;
+#[cfg(windows)]
+mod windows;
+#[cfg(windows)]
+use windows as platform;
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+
+use metrics::{counter, gauge};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, WorkerIndex};
+use crate::backoff::Backoff;
+use crate::metrics as m;
+
+/// Workers listen on loopback; portshare is their only client.
+pub const WORKER_HOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// What can go wrong with workers.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// A worker's port is taken before anything started.
+    #[error(
+        "worker {index}: port {port} is already in use ({source}); another server listens there (grpcio servers set SO_REUSEPORT by default, so two could silently share it). Choose another --worker-port-base, or 0 for free ports"
+    )]
+    PortTaken {
+        /// Whose port.
+        index: WorkerIndex,
+        /// The port.
+        port: u16,
+        /// The bind error.
+        #[source]
+        source: io::Error,
+    },
+    /// No free ports could be had.
+    #[error("cannot pick free ports for the workers: {0}")]
+    NoFreePorts(#[source] io::Error),
+    /// The Job Object (Windows) could not be set up.
+    #[error("cannot set up worker process control: {0}")]
+    Platform(#[source] io::Error),
+}
+
+/// A worker exited too often: portshare must end so the orchestrator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("worker {index} exited {exits} times within {window:?} (last: {last_exit}); giving up")]
+pub struct CrashLoop {
+    /// Which worker.
+    pub index: WorkerIndex,
+    /// Its exits within the window.
+    pub exits: usize,
+    /// The window.
+    pub window: Duration,
+    /// How it last ended.
+    pub last_exit: String,
+}
+
+/// Checks that a port is free by binding it, as a worker will; the socket is closed at once.
+fn port_is_free(port: u16) -> io::Result<()> {
+    TcpListener::bind(SocketAddr::from((WORKER_HOST, port))).map(drop)
+}
+
+/// The ports the workers will use: `port_base + i`, each checked free, or free ports picked
+/// by the OS. Warns when they lie in Linux's ephemeral range.
+pub fn plan_ports(config: &WorkersConfig) -> Result<Vec<u16>, SupervisorError> {
+    let ports: Vec<u16> = if config.port_base == 0 {
+        // Hold every listener until all are bound, so no port is handed out twice.
+        let held: Vec<TcpListener> = (0..config.count)
+            .map(|_| TcpListener::bind(SocketAddr::from((WORKER_HOST, 0))))
+            .collect::<io::Result<_>>()
+            .map_err(SupervisorError::NoFreePorts)?;
+        held.iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<io::Result<_>>()
+            .map_err(SupervisorError::NoFreePorts)?
+    } else {
+        let ports: Vec<u16> = (0..config.count)
+            .map(|i| config.port_base.saturating_add(i as u16))
+            .collect();
+        for (i, port) in ports.iter().enumerate() {
+            port_is_free(*port).map_err(|source| SupervisorError::PortTaken {
+                index: WorkerIndex(i),
+                port: *port,
+                source,
+            })?;
+        }
+        ports
+    };
+    warn_if_ephemeral(&ports);
+    Ok(ports)
+}
+
+/// Linux hands out outgoing-connection ports from a range (32768-60999 by default); a worker
+/// port inside it can be taken by one while the worker restarts.
+#[cfg(target_os = "linux")]
+fn warn_if_ephemeral(ports: &[u16]) {
+    let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut bounds = range
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u16>().ok());
+    let (Some(lo), Some(hi)) = (bounds.next(), bounds.next()) else {
+        return;
+    };
+    let reserved =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+    let is_reserved = |p: u16| {
+        reserved
+            .trim()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .any(|r| match r.split_once('-') {
+                Some((a, b)) => {
+                    a.parse::<u16>().is_ok_and(|a| a <= p) && b.parse::<u16>().is_ok_and(|b| p <= b)
+                }
+                None => r.parse::<u16>() == Ok(p),
+            })
+    };
+    let exposed: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|p| (lo..=hi).contains(p) && !is_reserved(*p))
+        .collect();
+    if let (Some(first), Some(last)) = (exposed.iter().min(), exposed.iter().max()) {
+        tracing::warn!(
+            ports = ?exposed,
+            ephemeral_range = %format!("{lo}-{hi}"),
+            "worker ports lie in the ephemeral port range: an outgoing connection can take one while its worker restarts. Reserve them (sysctl -w net.ipv4.ip_local_reserved_ports={first}-{last}) or use a --worker-port-base below {lo}"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn warn_if_ephemeral(_ports: &[u16]) {}
+
+/// The running supervisor: one watcher task per worker.
+#[derive(Debug)]
+pub struct Supervisor {
+    /// The watchers.
+    tasks: JoinSet<()>,
+    /// Tells the watchers to stop their workers.
+    stop: CancellationToken,
+    /// Receives the first crash loop.
+    crashes: mpsc::Receiver<CrashLoop>,
+    /// Keeps the platform's process control alive (the Job Object on Windows).
+    _guard: Arc<platform::Guard>,
+}
+
+impl Supervisor {
+    /// Starts one watcher per backend that has a worker index; each spawns its worker at once.
+    pub fn start(
+        config: WorkersConfig,
+        backends: &[Arc<Backend>],
+    ) -> Result<Self, SupervisorError> {
+        let guard = Arc::new(platform::Guard::new().map_err(SupervisorError::Platform)?);
+        let config = Arc::new(config);
+        let stop = CancellationToken::new();
+        let (crash_tx, crashes) = mpsc::channel(1);
+        let mut tasks = JoinSet::new();
+        for backend in backends {
+            let Some(index) = backend.worker() else {
+                continue;
+            };
+            let watcher = Watcher {
+                index,
+                port: backend.addr().port(),
+                config: Arc::clone(&config),
+                backend: Arc::clone(backend),
+                guard: Arc::clone(&guard),
+                stop: stop.clone(),
+                crash: crash_tx.clone(),
+            };
+            tasks.spawn(watcher.run());
+        }
+        Ok(Self {
+            tasks,
+            stop,
+            crashes,
+            _guard: guard,
+        })
+    }
+
+    /// Completes when a worker is in a crash loop (never, if none is).
+    pub async fn crashed(&mut self) -> CrashLoop {
+        match self.crashes.recv().await {
+            Some(c) => c,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops every worker (SIGTERM, then SIGKILL after the grace) and waits for all.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Watches one worker: starts it, waits for it to exit, restarts it.
+struct Watcher {
+    index: WorkerIndex,
+    port: u16,
+    config: Arc<WorkersConfig>,
+    backend: Arc<Backend>,
+    guard: Arc<platform::Guard>,
+    stop: CancellationToken,
+    crash: mpsc::Sender<CrashLoop>,
+}
+
+impl Watcher {
+    async fn run(self) {
+        let mut backoff =
+            Backoff::new(self.config.restart_backoff, self.config.restart_backoff_max);
+        let mut exits: VecDeque<Instant> = VecDeque::new();
+        let up = gauge!(m::WORKER_UP, "worker" => self.index.to_string());
+        let restarts = counter!(m::WORKER_RESTARTS, "worker" => self.index.to_string());
+        let mut first = true;
+        while !self.stop.is_cancelled() {
+            if !first {
+                restarts.increment(1);
+                // The port must be free again; an outgoing connection may have taken it.
+                if let Err(e) = port_is_free(self.port) {
+                    let pause = backoff.next_delay();
+                    tracing::error!(worker = %self.index, port = self.port, error = %e, retry_in = ?pause,
+                        "cannot restart worker: its port is taken by another socket");
+                    if self.pause(pause).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            first = false;
+            let started = Instant::now();
+            let (ended, last_exit) = match self.spawn() {
+                Ok(mut child) => {
+                    self.backend.worker_started(child.id(), started);
+                    up.set(1.0);
+                    tracing::info!(worker = %self.index, pid = ?child.id(), port = self.port, "worker started");
+                    let status = tokio::select! {
+                        s = child.wait() => s,
+                        () = self.stop.cancelled() => {
+                            self.backend.worker_stopped(Instant::now());
+                            self.stop_child(&mut child).await;
+                            up.set(0.0);
+                            return;
+                        }
+                    };
+                    self.backend.worker_stopped(Instant::now());
+                    up.set(0.0);
+                    if self.stop.is_cancelled() {
+                        return;
+                    }
+                    let how = describe(&status);
+                    tracing::warn!(worker = %self.index, exit = %how, ran_for = ?started.elapsed(), "worker exited");
+                    (Instant::now(), how)
+                }
+                Err(e) => {
+                    tracing::error!(worker = %self.index, command = ?self.config.command, error = %e, "cannot start worker");
+                    (Instant::now(), format!("failed to start: {e}"))
+                }
+            };
+            if ended.duration_since(started) >= self.config.crash_loop_window {
+                backoff.reset();
+            }
+            exits.push_back(ended);
+            while exits
+                .front()
+                .is_some_and(|t| ended.duration_since(*t) > self.config.crash_loop_window)
+            {
+                exits.pop_front();
+            }
+            if exits.len() >= self.config.crash_loop_restarts as usize {
+                let _ = self.crash.try_send(CrashLoop {
+                    index: self.index,
+                    exits: exits.len(),
+                    window: self.config.crash_loop_window,
+                    last_exit,
+                });
+                return;
+            }
+            let pause = backoff.next_delay();
+            tracing::info!(worker = %self.index, restart_in = ?pause, "restarting worker");
+            if self.pause(pause).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps, unless stopping: then `Err`.
+    async fn pause(&self, d: Duration) -> Result<(), ()> {
+        tokio::select! {
+            () = self.stop.cancelled() => Err(()),
+            () = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+
+    fn spawn(&self) -> io::Result<Child> {
+        let port = self.port.to_string();
+        let index = self.index.to_string();
+        let (program, args) =
+            self.config.command.split_first().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "empty worker command")
+            })?;
+        let mut cmd = Command::new(program);
+        cmd.args(
+            args.iter()
+                .map(|a| a.replace("{port}", &port).replace("{index}", &index)),
+        )
+        .env("PORTSHARE_PORT", &port)
+        .env("PORTSHARE_WORKER_INDEX", &index)
+        .envs(&self.config.env)
+        .stdin(Stdio::null())
+        // Should this task ever be dropped without stopping its worker, the worker dies.
+        .kill_on_drop(true);
+        if let Some(dir) = &self.config.cwd {
+            cmd.current_dir(dir);
+        }
+        match self.config.output {
+            WorkerOutput::Prefix => cmd.stdout(Stdio::piped()).stderr(Stdio::piped()),
+            WorkerOutput::Inherit => cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit()),
+        };
+        platform::prepare(&mut cmd);
+        let mut child = cmd.spawn()?;
+        if let Err(e) = self.guard.adopt(&child) {
+            tracing::warn!(worker = %self.index, error = %e, "cannot tie the worker's lifetime to portshare's");
+        }
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(relay(out, self.index, Stream::Stdout));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(relay(err, self.index, Stream::Stderr));
+        }
+        Ok(child)
+    }
+
+    /// SIGTERM, up to `stop_grace` to exit, then SIGKILL.
+    async fn stop_child(&self, child: &mut Child) {
+        let pid = child.id();
+        if let Err(e) = platform::ask_to_stop(child) {
+            tracing::warn!(worker = %self.index, error = %e, "cannot signal worker");
+        }
+        match tokio::time::timeout(self.config.stop_grace, child.wait()).await {
+            Ok(status) => {
+                tracing::info!(worker = %self.index, ?pid, exit = %describe(&status), "worker stopped");
+            }
+            Err(_) => {
+                tracing::warn!(worker = %self.index, ?pid, grace = ?self.config.stop_grace, "worker did not stop in time; killing it");
+                if let Err(e) = platform::force_stop(child) {
+                    tracing::warn!(worker = %self.index, error = %e, "cannot kill worker");
+                }
+                let _ = child.wait().await;
+            }
+        }
+    }
+}
+
+fn describe(status: &io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Copies a worker's output line by line, each prefixed with `[worker N]`; bytes that are
+/// not UTF-8 are shown replaced rather than dropped.
+async fn relay(from: impl AsyncRead + Unpin, index: WorkerIndex, stream: Stream) {
+    let mut reader = BufReader::new(from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches(['\n', '\r']);
+                // A closed stdout or stderr must not take portshare down: errors are ignored.
+                let _ = match stream {
+                    Stream::Stdout => writeln!(io::stdout().lock(), "[worker {index}] {text}"),
+                    Stream::Stderr => writeln!(io::stderr().lock(), "[worker {index}] {text}"),
+                };
+            }
+        }
+    }
+}
