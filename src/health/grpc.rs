@@ -360,8 +360,9 @@ fn format_grpc_timeout(remaining: Duration) -> String {
     format!("{MAX_DIGITS_VALUE}H")
 }
 
-/// Turns the response into a serving status: HTTP status, then `grpc-status` (from the
-/// trailers, or from the headers of a Trailers-Only response), then the message.
+/// Turns the response into a serving status: a `grpc-status` in the headers (a
+/// Trailers-Only response) decides alone; otherwise the HTTP status, then the
+/// `grpc-status` trailer, then the message.
 async fn read_response(response: Response<Incoming>) -> Result<ServingStatus, ProbeError> {
     let (parts, mut body) = response.into_parts();
 

@@ -7,6 +7,9 @@ Protocol with the tests:
           "CANCELLED <Method>" when the client cancels it or its deadline hits,
           so a test can tell when a call is in flight or was torn down.
   SIGTERM/SIGINT: graceful stop (in-flight calls get --grace seconds), exit 0.
+  SIGUSR1 / SIGUSR2 (Unix): the health service turns NOT_SERVING / SERVING.
+  --stall-index N: the worker whose PORTSHARE_WORKER_INDEX is N never listens
+          (a worker that never becomes ready).
 """
 
 import argparse
@@ -184,7 +187,18 @@ def main():
     parser.add_argument("--name", default=f"w{env_index}" if env_index else f"w{os.getpid()}")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds in-flight calls get to finish on SIGTERM/SIGINT")
+    parser.add_argument("--stall-index", default=None,
+                        help="if PORTSHARE_WORKER_INDEX equals this, never start listening")
     args = parser.parse_args()
+
+    if args.stall_index is not None and os.environ.get("PORTSHARE_WORKER_INDEX") == args.stall_index:
+        print(f"worker {args.name}: stalling on purpose, never listening", file=sys.stderr, flush=True)
+        stalled = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stalled.set())
+        while not stalled.wait(1.0):
+            pass
+        return 0
 
     # Signals only set a flag; the main thread does the (blocking) stop.
     stop = threading.Event()
@@ -206,6 +220,18 @@ def main():
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("portshare.test.Echo", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    def set_health(status):
+        for service in ("", "portshare.test.Echo"):
+            health_servicer.set(service, status)
+        print(f"HEALTH {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}",
+              file=sys.stderr, flush=True)
+
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1,
+                      lambda *_: set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        signal.signal(signal.SIGUSR2,
+                      lambda *_: set_health(health_pb2.HealthCheckResponse.SERVING))
 
     address = f"{args.host}:{args.port}"
     try:

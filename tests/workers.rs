@@ -1,0 +1,311 @@
+//! Spawned workers: portshare as the container entrypoint, starting real Python grpcio
+//! workers itself, checking their health, restarting them and stopping them.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{Proxy, client, eventually, python, python_dir, spread_counts};
+
+/// `--workers N --worker-port-base 0 -- python worker.py --port {port} EXTRA...`
+fn worker_args(n: usize, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--workers".into(),
+        n.to_string(),
+        "--worker-port-base".into(),
+        "0".into(),
+        "--".into(),
+        python().display().to_string(),
+        python_dir().join("worker.py").display().to_string(),
+        "--port".into(),
+        "{port}".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn start(n: usize, extra_worker_args: &[&str], env: &[(&str, &str)], flags: &[&str]) -> Proxy {
+    let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    args.extend(worker_args(n, extra_worker_args));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proxy::start_env(&refs, env)
+}
+
+fn states(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .backends()
+        .iter()
+        .map(|b| b["state"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+fn all_healthy(proxy: &Proxy) -> bool {
+    states(proxy).iter().all(|s| s == "healthy")
+}
+
+fn pids(proxy: &Proxy) -> Vec<u32> {
+    proxy
+        .backends()
+        .iter()
+        .filter_map(|b| b["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect()
+}
+
+fn worker_entry(proxy: &Proxy, index: u64) -> Value {
+    proxy
+        .backends()
+        .into_iter()
+        .find(|b| b["worker"].as_u64() == Some(index))
+        .expect("worker listed")
+}
+
+/// Whether a process runs (a zombie counts as gone).
+#[cfg(target_os = "linux")]
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn workers_are_started_ready_and_stopped_cleanly() {
+    let mut proxy = start(3, &[], &[], &["--drain-timeout", "5s"]);
+    eventually(Duration::from_secs(30), "all workers ready", || {
+        all_healthy(&proxy)
+    });
+    assert_eq!(proxy.admin_get("/readyz").0, 200);
+    let entries = proxy.backends();
+    let indexes: BTreeSet<u64> = entries
+        .iter()
+        .filter_map(|b| b["worker"].as_u64())
+        .collect();
+    assert_eq!(indexes, BTreeSet::from([0, 1, 2]));
+    let r = client(&["spread", "--target", &proxy.target(), "--channels", "30"]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    let names: BTreeSet<String> = spread_counts(&r).into_keys().collect();
+    // Each worker named itself from PORTSHARE_WORKER_INDEX.
+    assert_eq!(
+        names,
+        BTreeSet::from(["w0".into(), "w1".into(), "w2".into()])
+    );
+    // Worker output is passed through with a prefix.
+    assert!(proxy.log.contains("[worker 1]"), "{:?}", proxy.log.all());
+
+    let before = pids(&proxy);
+    assert_eq!(before.len(), 3);
+    assert!(before.iter().all(|p| alive(*p)));
+    support::signal(proxy.pid(), "TERM");
+    let status = proxy
+        .wait(Duration::from_secs(30))
+        .expect("portshare exits");
+    assert_eq!(status.code(), Some(0));
+    for pid in before {
+        assert!(!alive(pid), "worker {pid} outlived portshare");
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_killed_worker_comes_back_with_a_new_pid_and_no_call_fails() {
+    let proxy = start(
+        3,
+        &[],
+        &[("PORTSHARE_WORKERS__RESTART_BACKOFF", "50ms")],
+        &[],
+    );
+    eventually(Duration::from_secs(30), "all workers ready", || {
+        all_healthy(&proxy)
+    });
+    let victim = worker_entry(&proxy, 1);
+    let (old_pid, port) = (
+        victim["pid"].as_u64().unwrap_or(0),
+        victim["address"].clone(),
+    );
+    support::signal(old_pid as u32, "KILL");
+    // New connections keep succeeding while the worker is down and while it restarts.
+    for _ in 0..3 {
+        let r = client(&["spread", "--target", &proxy.target(), "--channels", "10"]);
+        assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    }
+    eventually(Duration::from_secs(30), "the worker is back", || {
+        let w = worker_entry(&proxy, 1);
+        w["state"] == "healthy" && w["pid"].as_u64().is_some_and(|p| p != old_pid)
+    });
+    let w = worker_entry(&proxy, 1);
+    assert_eq!(w["address"], port, "same port after the restart");
+    assert_eq!(w["restarts"], 1, "{w}");
+    assert!(proxy.metric("portshare_worker_restarts_total{worker=\"1\"}") >= 1.0);
+    let r = client(&["spread", "--target", &proxy.target(), "--channels", "12"]);
+    assert_eq!(
+        spread_counts(&r).len(),
+        3,
+        "the restarted worker takes traffic again: {r}"
+    );
+}
+
+#[test]
+fn a_worker_that_never_becomes_ready_gets_no_traffic() {
+    let proxy = start(3, &["--stall-index", "1"], &[], &[]);
+    eventually(Duration::from_secs(30), "workers 0 and 2 ready", || {
+        let s = states(&proxy);
+        s.iter().filter(|s| *s == "healthy").count() == 2
+    });
+    let r = client(&["spread", "--target", &proxy.target(), "--channels", "20"]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    let names: BTreeSet<String> = spread_counts(&r).into_keys().collect();
+    assert_eq!(names, BTreeSet::from(["w0".into(), "w2".into()]));
+    let stalled = worker_entry(&proxy, 1);
+    assert_eq!(stalled["state"], "starting", "{stalled}");
+    assert_eq!(stalled["connect_failures"], 0, "{stalled}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_worker_that_turns_not_serving_is_taken_out_and_returns() {
+    let proxy = start(
+        2,
+        &[],
+        &[
+            ("PORTSHARE_HEALTH__INTERVAL", "200ms"),
+            ("PORTSHARE_HEALTH__UNHEALTHY_INTERVAL", "200ms"),
+        ],
+        &["--health", "grpc"],
+    );
+    eventually(Duration::from_secs(30), "both workers ready", || {
+        all_healthy(&proxy)
+    });
+    let pid = worker_entry(&proxy, 0)["pid"].as_u64().unwrap_or(0) as u32;
+    support::signal(pid, "USR1");
+    eventually(Duration::from_secs(10), "worker 0 drained", || {
+        worker_entry(&proxy, 0)["state"] == "not_serving"
+    });
+    let r = client(&["spread", "--target", &proxy.target(), "--channels", "10"]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    assert_eq!(spread_counts(&r).into_keys().collect::<Vec<_>>(), ["w1"]);
+    support::signal(pid, "USR2");
+    eventually(Duration::from_secs(10), "worker 0 back", || {
+        worker_entry(&proxy, 0)["state"] == "healthy"
+    });
+}
+
+#[test]
+fn a_worker_that_fails_at_boot_ends_portshare_with_the_crash_loop_code() {
+    let python = python().display().to_string();
+    let (code, _, err) = support::run_portshare(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--worker-port-base",
+            "0",
+            "--",
+            &python,
+            "-c",
+            "import sys; print('boom', file=sys.stderr); sys.exit(3)",
+        ],
+        &[("PORTSHARE_WORKERS__RESTART_BACKOFF", "10ms")],
+    );
+    assert_eq!(code, Some(70), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("exited 5 times"), "{err}");
+    assert!(err.contains("[worker 0] boom"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_taken_worker_port_is_a_clear_error_before_anything_starts() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let base = port.to_string();
+    let (code, _, err) = support::run_portshare(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--worker-port-base",
+            &base,
+            "--",
+            "true",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&format!("port {port} is already in use")),
+        "{err}"
+    );
+    assert!(last.contains("SO_REUSEPORT"), "{err}");
+}
+
+#[test]
+fn grpc_health_checks_static_backends_by_service_name() {
+    let workers = support::Worker::start_many(&["g0"]);
+    let good = Proxy::start(&[
+        "--backend",
+        &workers[0].addr(),
+        "--health",
+        "grpc",
+        "--health-service",
+        "portshare.test.Echo",
+    ]);
+    eventually(Duration::from_secs(10), "healthy by grpc check", || {
+        all_healthy(&good)
+    });
+    support::unary_ok(&good.target());
+
+    let unknown = Proxy::start(&[
+        "--backend",
+        &workers[0].addr(),
+        "--health",
+        "grpc",
+        "--health-service",
+        "no.such.Service",
+    ]);
+    eventually(
+        Duration::from_secs(10),
+        "unknown service is unhealthy",
+        || states(&unknown) == ["unhealthy"],
+    );
+    assert_eq!(unknown.admin_get("/readyz").0, 503);
+    let entry = worker_entry_static(&unknown);
+    assert!(
+        entry["last_check"]
+            .as_str()
+            .is_some_and(|s| s.contains("NOT_FOUND")),
+        "{entry}"
+    );
+}
+
+fn worker_entry_static(proxy: &Proxy) -> Value {
+    proxy.backends().into_iter().next().expect("one backend")
+}
+
+/// When portshare is killed outright, the kernel kills its workers (PR_SET_PDEATHSIG).
+#[cfg(target_os = "linux")]
+#[test]
+fn sigkill_of_portshare_leaves_no_worker_behind() {
+    let mut proxy = start(2, &[], &[], &[]);
+    eventually(Duration::from_secs(30), "workers ready", || {
+        all_healthy(&proxy)
+    });
+    let before = pids(&proxy);
+    assert_eq!(before.len(), 2);
+    support::signal(proxy.pid(), "KILL");
+    proxy
+        .wait(Duration::from_secs(10))
+        .expect("portshare is gone");
+    eventually(Duration::from_secs(10), "workers gone", || {
+        before.iter().all(|p| !alive(*p))
+    });
+}
