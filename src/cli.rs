@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Validate the configuration and print the effective one (exit 0), or say what is wrong (exit 64).
     Check,
+    /// Print the backends of a running portshare as a table, from its admin endpoint (--admin).
+    Status,
 }
 
 /// Options; each one overrides the `PORTSHARE_*` variable and the config-file key of the same name.

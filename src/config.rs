@@ -202,6 +202,19 @@ pub fn load(opts: &Opts, env: &HashMap<String, String>) -> Result<Config, Config
     raw(opts, env)?.validate()
 }
 
+/// Only the admin address (for `portshare status`, which needs nothing else).
+pub fn admin_addr(
+    opts: &Opts,
+    env: &HashMap<String, String>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    raw(opts, env)?
+        .admin
+        .as_deref()
+        .filter(|s| !s.is_empty() && *s != "off")
+        .map(|s| resolve_one("admin", s, false))
+        .transpose()
+}
+
 /// The layered, not yet validated configuration.
 pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, ConfigError> {
     let mut builder = config::Config::builder();

@@ -13,6 +13,7 @@
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`metrics`]: metric names, described once; the Prometheus recorder.
 //! - [`admin`]: `/healthz`, `/readyz`, `/backends`, `/metrics`.
+//! - [`status`]: `portshare status`, a table from a running instance's `/backends`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -27,6 +28,7 @@ pub mod l4;
 pub mod listener;
 pub mod metrics;
 pub mod shutdown;
+pub mod status;
 pub mod supervisor;
 
 use std::io;

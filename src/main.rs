@@ -40,6 +40,9 @@ fn main() -> ExitCode {
     let env: HashMap<String, String> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
+    if let Some(Command::Status) = cli.command {
+        return status(&cli, &env);
+    }
     let config = match config::load(&cli.opts, &env) {
         Ok(c) => c,
         Err(e) => {
@@ -70,6 +73,33 @@ fn main() -> ExitCode {
         Err(e @ Error::CrashLoop(_)) => {
             eprintln!("portshare: {e}");
             ExitCode::from(EXIT_CRASH_LOOP)
+        }
+        Err(e) => {
+            eprintln!("portshare: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `portshare status`: needs only the admin address, not a complete configuration.
+fn status(cli: &Cli, env: &HashMap<String, String>) -> ExitCode {
+    let admin = match config::admin_addr(&cli.opts, env) {
+        Ok(Some(addr)) => addr,
+        Ok(None) => {
+            eprintln!(
+                "portshare: status needs the admin address: give --admin ADDR (or admin in the config file)"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            eprintln!("portshare: invalid configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match portshare::status::fetch(admin) {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("portshare: {e}");

@@ -111,3 +111,17 @@ fn check_prints_the_effective_configuration() {
     assert_eq!(code, USAGE);
     assert_one_clear_line(&err, "mode");
 }
+
+#[test]
+fn status_needs_a_reachable_admin_address() {
+    let (code, _, err) = run_portshare(&["status"], &[]);
+    assert_eq!(code, USAGE);
+    assert_one_clear_line(&err, "--admin");
+
+    let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = closed.local_addr().expect("addr").to_string();
+    drop(closed);
+    let (code, _, err) = run_portshare(&["status", "--admin", &addr], &[]);
+    assert_eq!(code, Some(1));
+    assert_one_clear_line(&err, &addr);
+}

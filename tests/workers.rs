@@ -102,6 +102,19 @@ fn workers_are_started_ready_and_stopped_cleanly() {
     let before = pids(&proxy);
     assert_eq!(before.len(), 3);
     assert!(before.iter().all(|p| alive(*p)));
+
+    // `portshare status` shows the same, as a table.
+    let admin = proxy.admin.to_string();
+    let (code, table, err) = support::run_portshare(&["status", "--admin", &admin], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 4, "{table}");
+    assert!(rows[0].starts_with("BACKEND"), "{table}");
+    for pid in &before {
+        assert!(table.contains(&pid.to_string()), "{table}");
+    }
+    assert_eq!(table.matches("healthy").count(), 3, "{table}");
+
     support::signal(proxy.pid(), "TERM");
     let status = proxy
         .wait(Duration::from_secs(30))

@@ -1,0 +1,150 @@
+//! `portshare status`: the backends of a running instance, read from its admin endpoint's
+//! `/backends` and printed as a table.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A status query should answer at once; a hung instance is itself the answer.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the status could not be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// Nothing answered, or the connection failed.
+    #[error("cannot reach the admin endpoint at {addr}: {source}")]
+    Io {
+        /// Where we asked.
+        addr: SocketAddr,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// It answered, but not with the backend list.
+    #[error("unexpected answer from {addr}/backends: {what}")]
+    Answer {
+        /// Where we asked.
+        addr: SocketAddr,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// One row of `/backends`: the fields the table shows.
+#[derive(Debug, Deserialize)]
+struct Row {
+    name: String,
+    worker: Option<u64>,
+    pid: Option<u64>,
+    state: String,
+    state_for_s: u64,
+    active_connections: u64,
+    restarts: u64,
+    ejections: u64,
+    last_check: Option<String>,
+}
+
+/// Fetches `/backends` from `addr` and renders the table.
+pub fn fetch(addr: SocketAddr) -> Result<String, StatusError> {
+    let io_err = |source| StatusError::Io { addr, source };
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(io_err)?;
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
+    stream
+        .write_all(b"GET /backends HTTP/1.1\r\nHost: portshare\r\nConnection: close\r\n\r\n")
+        .map_err(io_err)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(io_err)?;
+    let text = String::from_utf8_lossy(&raw);
+    let answer = |what: String| StatusError::Answer { addr, what };
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| answer("no HTTP response".into()))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        let status = head.lines().next().unwrap_or_default();
+        return Err(answer(status.to_owned()));
+    }
+    let rows: Vec<Row> = serde_json::from_str(body).map_err(|e| answer(e.to_string()))?;
+    Ok(render(&rows))
+}
+
+fn render(rows: &[Row]) -> String {
+    let dash = || "-".to_owned();
+    let table: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.worker.map_or_else(dash, |w| w.to_string()),
+                r.pid.map_or_else(dash, |p| p.to_string()),
+                r.state.clone(),
+                humantime::format_duration(Duration::from_secs(r.state_for_s)).to_string(),
+                r.active_connections.to_string(),
+                r.restarts.to_string(),
+                r.ejections.to_string(),
+                r.last_check.clone().unwrap_or_else(dash),
+            ]
+        })
+        .collect();
+    let header = [
+        "BACKEND",
+        "WORKER",
+        "PID",
+        "STATE",
+        "FOR",
+        "ACTIVE",
+        "RESTARTS",
+        "EJECTIONS",
+        "LAST CHECK",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &table {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &table {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&cells);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_an_aligned_table() {
+        let rows: Vec<Row> = serde_json::from_str(
+            r#"[{"name":"127.0.0.1:50052","worker":0,"pid":4242,"state":"healthy","state_for_s":65,
+                 "active_connections":3,"restarts":1,"ejections":0,"last_check":"ok","ready":true},
+                {"name":"10.0.0.1:7","worker":null,"pid":null,"state":"unhealthy","state_for_s":2,
+                 "active_connections":0,"restarts":0,"ejections":2,"last_check":"connect: refused"}]"#,
+        )
+        .expect("rows");
+        let text = render(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("BACKEND"));
+        assert!(
+            lines[1].contains("4242") && lines[1].contains("1m 5s") && lines[1].contains("healthy")
+        );
+        assert!(lines[2].contains("unhealthy") && lines[2].contains("connect: refused"));
+        let state_col = lines[0].find("STATE").expect("STATE column");
+        assert_eq!(lines[1].find("healthy"), Some(state_col));
+        assert_eq!(lines[2].find("unhealthy"), Some(state_col));
+    }
+}
