@@ -135,6 +135,9 @@ pub struct Backend {
     state: Mutex<State>,
     /// Its metric handles.
     metrics: BackendMetrics,
+    /// Wakes its health checker early when a new worker process starts, so a restarted
+    /// worker is checked at once rather than at the next regular interval.
+    started: tokio::sync::Notify,
 }
 
 /// A point-in-time view of one backend, as `/backends` shows it.
@@ -194,6 +197,7 @@ impl Backend {
                 worker: WorkerState::default(),
             }),
             metrics,
+            started: tokio::sync::Notify::new(),
         }
     }
 
@@ -235,6 +239,12 @@ impl Backend {
         if let Some(before) = before {
             log_flip(self, before, Health::Starting, None);
         }
+        self.started.notify_one();
+    }
+
+    /// Completes when a new worker process has started (see `started`).
+    pub async fn worker_started_signal(&self) {
+        self.started.notified().await;
     }
 
     /// Records that the worker process exited.

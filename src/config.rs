@@ -156,6 +156,8 @@ pub struct RawWorkers {
     pub crash_loop_restarts: Option<u64>,
     /// The crash-loop window.
     pub crash_loop_window: Option<String>,
+    /// Rolling restart: how long a restarted worker may take to be ready.
+    pub ready_timeout: Option<String>,
 }
 
 /// `[ejection]` as written.
@@ -637,6 +639,11 @@ impl RawWorkers {
                 self.crash_loop_window.as_deref(),
                 "60s",
             )?,
+            ready_timeout: positive(
+                "workers.ready_timeout",
+                self.ready_timeout.as_deref(),
+                "60s",
+            )?,
         })
     }
 }
@@ -689,6 +696,7 @@ impl Config {
                 restart_backoff_max: Some(human(w.restart_backoff_max)),
                 crash_loop_restarts: Some(u64::from(w.crash_loop_restarts)),
                 crash_loop_window: Some(human(w.crash_loop_window)),
+                ready_timeout: Some(human(w.ready_timeout)),
             }),
         };
         toml::to_string(&raw)

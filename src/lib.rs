@@ -37,6 +37,7 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendSet, BackendSpec, WorkerIndex};
@@ -103,11 +104,13 @@ fn log_bound(role: &'static str, l: &TcpListener) {
 }
 
 /// Serves until `shutdown` begins, then drains for up to the configured drain timeout.
+/// Each message on `reloads` (SIGHUP) restarts spawned workers one at a time.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
     prometheus: Option<PrometheusHandle>,
+    mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), Error> {
     let specs = match &config.workers {
         None => config.backends.clone(),
@@ -171,18 +174,27 @@ pub async fn run(
                     async move { proxy.handle(stream, &abort).await }
                 },
             );
-            let crashed = async {
-                match workers.as_mut() {
-                    Some(w) => w.crashed().await,
-                    None => std::future::pending().await,
-                }
+            let mut crashes = match workers.as_mut() {
+                Some(w) => w.crashes(),
+                None => supervisor::Crashes::none(),
             };
-            tokio::select! {
-                () = serve => {}
-                c = crashed => {
-                    tracing::error!(error = %c, "worker crash loop: shutting down");
-                    crash = Some(c);
-                    shutdown.begin();
+            tokio::pin!(serve);
+            loop {
+                tokio::select! {
+                    () = &mut serve => break,
+                    c = crashes.next() => {
+                        tracing::error!(error = %c, "worker crash loop: shutting down");
+                        crash = Some(c);
+                        shutdown.begin();
+                    }
+                    Some(()) = reloads.recv() => match &workers {
+                        Some(w) => {
+                            if !w.rolling_restart() {
+                                tracing::warn!("SIGHUP: a rolling restart is already under way");
+                            }
+                        }
+                        None => tracing::info!("SIGHUP: no spawned workers to restart"),
+                    },
                 }
             }
         }

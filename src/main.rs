@@ -113,8 +113,9 @@ async fn serve(config: Config) -> Result<(), Error> {
     let signals = Signals::new().map_err(Error::Signals)?;
     let shutdown = Shutdown::new();
     let listeners = Listeners::bind(&config)?;
-    tokio::spawn(signals.watch(shutdown.clone()));
-    portshare::run(config, listeners, shutdown, Some(prometheus)).await
+    let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(signals.watch(shutdown.clone(), reload_tx));
+    portshare::run(config, listeners, shutdown, Some(prometheus), reloads).await
 }
 
 /// Logs go to stderr: text for people (coloured only on a terminal) or JSON for collectors;

@@ -4,6 +4,7 @@
 use std::io;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -80,7 +81,7 @@ impl Shutdown {
 }
 
 /// The signals that ask portshare to stop: SIGTERM and SIGINT on Unix, Ctrl-C and
-/// Ctrl-Break on Windows. Created before the listeners are bound, so a signal that arrives
+/// Ctrl-Break on Windows; and SIGHUP, which asks for a reload. Created before the listeners are bound, so a signal that arrives
 /// as soon as the listening address is logged is already handled.
 #[derive(Debug)]
 pub struct Signals {
@@ -88,6 +89,8 @@ pub struct Signals {
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
     #[cfg(windows)]
     ctrl_c: tokio::signal::windows::CtrlC,
     #[cfg(windows)]
@@ -102,6 +105,7 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -114,18 +118,26 @@ impl Signals {
         })
     }
 
-    /// Waits for the next stop signal and returns its name.
+    /// Waits for the next stop signal and returns its name; passes SIGHUPs on to `reloads`
+    /// meanwhile.
     #[cfg(unix)]
-    pub async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+    async fn recv(&mut self, reloads: &mpsc::Sender<()>) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => {
+                    tracing::info!(signal = "SIGHUP", "reload requested");
+                    // One pending reload is enough: more while it waits add nothing.
+                    let _ = reloads.try_send(());
+                }
+            }
         }
     }
 
-    /// Waits for the next stop signal and returns its name.
+    /// Waits for the next stop signal and returns its name (Windows has no SIGHUP).
     #[cfg(windows)]
-    pub async fn recv(&mut self) -> &'static str {
+    async fn recv(&mut self, _reloads: &mpsc::Sender<()>) -> &'static str {
         tokio::select! {
             _ = self.ctrl_c.recv() => "Ctrl-C",
             _ = self.ctrl_break.recv() => "Ctrl-Break",
@@ -134,14 +146,15 @@ impl Signals {
 
     /// The first signal begins a graceful shutdown; a second one closes everything now,
     /// as people who press Ctrl-C twice expect.
-    pub async fn watch(mut self, shutdown: Shutdown) {
-        let first = self.recv().await;
+    /// SIGHUP (Unix) sends a message on `reloads`.
+    pub async fn watch(mut self, shutdown: Shutdown, reloads: mpsc::Sender<()>) {
+        let first = self.recv(&reloads).await;
         tracing::info!(
             signal = first,
             "shutting down: no new connections, open ones may finish"
         );
         shutdown.begin();
-        let second = self.recv().await;
+        let second = self.recv(&reloads).await;
         tracing::warn!(
             signal = second,
             "second signal: closing open connections now"

@@ -322,3 +322,60 @@ fn sigkill_of_portshare_leaves_no_worker_behind() {
         before.iter().all(|p| !alive(*p))
     });
 }
+
+/// SIGHUP: the workers are restarted one at a time, each drained (grpcio's graceful stop
+/// sends its clients GOAWAY) and back before the next goes; a steady client loses no call.
+#[cfg(unix)]
+#[test]
+fn sighup_restarts_workers_one_at_a_time_without_a_failed_call() {
+    let proxy = start(3, &["--grace", "5"], &[], &[]);
+    eventually(Duration::from_secs(30), "all workers ready", || {
+        all_healthy(&proxy)
+    });
+    let old = pids(&proxy);
+    let steady = support::client_spawn(&[
+        "steady",
+        "--target",
+        &proxy.target(),
+        "--seconds",
+        "6",
+        "--pause-ms",
+        "5",
+    ]);
+    // Let the client settle on its connection first.
+    std::thread::sleep(Duration::from_millis(500));
+    support::signal(proxy.pid(), "HUP");
+    eventually(
+        Duration::from_secs(60),
+        "the rolling restart is done",
+        || proxy.log.contains("rolling restart done"),
+    );
+    let now = pids(&proxy);
+    assert!(
+        now.len() == 3 && now.iter().all(|p| !old.contains(p)),
+        "{old:?} -> {now:?}"
+    );
+    assert!(all_healthy(&proxy));
+    // One at a time: each worker was back before the next one was stopped.
+    let order: Vec<&str> = proxy
+        .log
+        .all()
+        .iter()
+        .filter_map(|l| {
+            if l.contains("rolling restart: stopping worker") {
+                Some("stop")
+            } else if l.contains("rolling restart: worker is back") {
+                Some("back")
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(order, ["stop", "back", "stop", "back", "stop", "back"]);
+    let r = support::client_result(steady);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    assert!(r["calls"].as_u64() > Some(100), "{r}");
+    for b in proxy.backends() {
+        assert_eq!(b["restarts"], 1, "{b}");
+    }
+}

@@ -292,6 +292,7 @@ async fn check_loop(
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(pause + jitter) => {}
+            () = backend.worker_started_signal() => {}
         }
     }
 }

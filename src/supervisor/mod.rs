@@ -51,6 +51,9 @@ pub struct WorkersConfig {
     pub crash_loop_restarts: u32,
     /// See `crash_loop_restarts`; a worker that ran this long also starts its backoff over.
     pub crash_loop_window: Duration,
+    /// In a rolling restart, how long a restarted worker may take to become ready before
+    /// the restart stops (leaving the remaining workers as they are).
+    pub ready_timeout: Duration,
 }
 
 #[cfg(unix)]
@@ -67,17 +70,19 @@ use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use metrics::{counter, gauge};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, WorkerIndex};
 use crate::backoff::Backoff;
+use crate::health::Health;
 use crate::metrics as m;
 
 /// Workers listen on loopback; portshare is their only client.
@@ -207,10 +212,41 @@ pub struct Supervisor {
     tasks: JoinSet<()>,
     /// Tells the watchers to stop their workers.
     stop: CancellationToken,
-    /// Receives the first crash loop.
-    crashes: mpsc::Receiver<CrashLoop>,
+    /// Receives the first crash loop; taken by [`Supervisor::crashes`].
+    crashes: Option<mpsc::Receiver<CrashLoop>>,
+    /// Each worker's backend and the channel that asks its watcher for a restart.
+    workers: Vec<(Arc<Backend>, mpsc::Sender<Restart>)>,
+    /// Set while a rolling restart runs, so a second SIGHUP does not start another.
+    rolling: Arc<AtomicBool>,
+    /// How long a restarted worker may take to become ready in a rolling restart.
+    ready_timeout: Duration,
     /// Keeps the platform's process control alive (the Job Object on Windows).
     _guard: Arc<platform::Guard>,
+}
+
+/// Asks a watcher to restart its worker; answered once the old process is gone.
+type Restart = oneshot::Sender<()>;
+
+/// Where a crash loop is reported.
+#[derive(Debug)]
+pub struct Crashes(Option<mpsc::Receiver<CrashLoop>>);
+
+impl Crashes {
+    /// Reports that never come (no spawned workers).
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Completes when a worker is in a crash loop (never, if none is).
+    pub async fn next(&mut self) -> CrashLoop {
+        match self.0.as_mut() {
+            Some(rx) => match rx.recv().await {
+                Some(c) => c,
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
 }
 
 impl Supervisor {
@@ -224,10 +260,12 @@ impl Supervisor {
         let stop = CancellationToken::new();
         let (crash_tx, crashes) = mpsc::channel(1);
         let mut tasks = JoinSet::new();
+        let mut workers = Vec::new();
         for backend in backends {
             let Some(index) = backend.worker() else {
                 continue;
             };
+            let (restart_tx, restart_rx) = mpsc::channel(1);
             let watcher = Watcher {
                 index,
                 port: backend.addr().port(),
@@ -237,28 +275,120 @@ impl Supervisor {
                 stop: stop.clone(),
                 crash: crash_tx.clone(),
             };
-            tasks.spawn(watcher.run());
+            tasks.spawn(watcher.run(restart_rx));
+            workers.push((Arc::clone(backend), restart_tx));
         }
         Ok(Self {
             tasks,
             stop,
-            crashes,
+            crashes: Some(crashes),
+            workers,
+            rolling: Arc::new(AtomicBool::new(false)),
+            ready_timeout: config.ready_timeout,
             _guard: guard,
         })
     }
 
-    /// Completes when a worker is in a crash loop (never, if none is).
-    pub async fn crashed(&mut self) -> CrashLoop {
-        match self.crashes.recv().await {
-            Some(c) => c,
-            None => std::future::pending().await,
+    /// The crash-loop reports (once; later calls get a receiver that never fires).
+    pub fn crashes(&mut self) -> Crashes {
+        Crashes(self.crashes.take())
+    }
+
+    /// Restarts the workers one at a time: each leaves rotation, is stopped gracefully
+    /// (SIGTERM, so it can finish its calls and tell its clients to go elsewhere), started
+    /// again, and must be ready before the next one goes. Runs in the background; returns
+    /// false when a rolling restart is already under way.
+    pub fn rolling_restart(&self) -> bool {
+        if self.rolling.swap(true, Ordering::AcqRel) {
+            return false;
         }
+        let workers = self.workers.clone();
+        let rolling = Arc::clone(&self.rolling);
+        let stop = self.stop.clone();
+        let ready_timeout = self.ready_timeout;
+        tokio::spawn(async move {
+            tokio::select! {
+                () = roll(workers, ready_timeout) => {}
+                () = stop.cancelled() => {}
+            }
+            rolling.store(false, Ordering::Release);
+        });
+        true
     }
 
     /// Stops every worker (SIGTERM, then SIGKILL after the grace) and waits for all.
     pub async fn stop(mut self) {
         self.stop.cancel();
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// One pass of a rolling restart.
+async fn roll(workers: Vec<(Arc<Backend>, mpsc::Sender<Restart>)>, ready_timeout: Duration) {
+    tracing::info!(
+        workers = workers.len(),
+        "rolling restart: one worker at a time"
+    );
+    for (backend, restart) in &workers {
+        let index = backend.worker().map_or_else(String::new, |w| w.to_string());
+        if backend.health() != Health::Healthy {
+            // Down or starting already: it comes back as a new process anyway.
+            tracing::info!(worker = %index, state = %backend.health(), "rolling restart: skipping a worker that is not ready");
+            continue;
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        if restart.send(done_tx).await.is_err() || done_rx.await.is_err() {
+            return; // the supervisor is stopping
+        }
+        let deadline = Instant::now() + ready_timeout;
+        while backend.health() != Health::Healthy {
+            if Instant::now() >= deadline {
+                tracing::error!(worker = %index, timeout = ?ready_timeout,
+                    "rolling restart stopped: the restarted worker did not become ready; the others keep running");
+                return;
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+        tracing::info!(worker = %index, pid = ?backend.status(Instant::now()).pid, "rolling restart: worker is back");
+    }
+    tracing::info!("rolling restart done");
+}
+
+/// How often a rolling restart looks whether the restarted worker is ready.
+const READY_POLL: Duration = Duration::from_millis(50);
+
+/// Exits of one worker within the crash-loop window.
+#[derive(Debug)]
+struct ExitHistory {
+    /// Exits within the window that make a crash loop.
+    limit: usize,
+    /// The window.
+    window: Duration,
+    /// Exit times within the window, oldest first.
+    exits: VecDeque<Instant>,
+}
+
+impl ExitHistory {
+    fn new(limit: u32, window: Duration) -> Self {
+        Self {
+            limit: limit as usize,
+            window,
+            exits: VecDeque::new(),
+        }
+    }
+
+    /// Records an exit at `at`; returns the number of exits in the window when that is a
+    /// crash loop.
+    fn record(&mut self, at: Instant) -> Option<usize> {
+        self.exits.push_back(at);
+        while self
+            .exits
+            .front()
+            .is_some_and(|t| at.saturating_duration_since(*t) > self.window)
+        {
+            self.exits.pop_front();
+        }
+        (self.exits.len() >= self.limit).then_some(self.exits.len())
     }
 }
 
@@ -273,11 +403,24 @@ struct Watcher {
     crash: mpsc::Sender<CrashLoop>,
 }
 
+/// Why a running worker's wait ended.
+enum Ended {
+    /// The process exited by itself.
+    Exited(io::Result<ExitStatus>),
+    /// A rolling restart asked for it.
+    Restart(Restart),
+    /// portshare is stopping.
+    Stop,
+}
+
 impl Watcher {
-    async fn run(self) {
+    async fn run(self, mut restarts_asked: mpsc::Receiver<Restart>) {
         let mut backoff =
             Backoff::new(self.config.restart_backoff, self.config.restart_backoff_max);
-        let mut exits: VecDeque<Instant> = VecDeque::new();
+        let mut history = ExitHistory::new(
+            self.config.crash_loop_restarts,
+            self.config.crash_loop_window,
+        );
         let up = gauge!(m::WORKER_UP, "worker" => self.index.to_string());
         let restarts = counter!(m::WORKER_RESTARTS, "worker" => self.index.to_string());
         let mut first = true;
@@ -289,7 +432,7 @@ impl Watcher {
                     let pause = backoff.next_delay();
                     tracing::error!(worker = %self.index, port = self.port, error = %e, retry_in = ?pause,
                         "cannot restart worker: its port is taken by another socket");
-                    if self.pause(pause).await.is_err() {
+                    if self.pause(pause, &mut restarts_asked).await.is_err() {
                         return;
                     }
                     continue;
@@ -297,66 +440,118 @@ impl Watcher {
             }
             first = false;
             let started = Instant::now();
-            let (ended, last_exit) = match self.spawn() {
-                Ok(mut child) => {
-                    self.backend.worker_started(child.id(), started);
-                    up.set(1.0);
-                    tracing::info!(worker = %self.index, pid = ?child.id(), port = self.port, "worker started");
-                    let status = tokio::select! {
-                        s = child.wait() => s,
-                        () = self.stop.cancelled() => {
-                            self.backend.worker_stopped(Instant::now());
-                            self.stop_child(&mut child).await;
-                            up.set(0.0);
-                            return;
-                        }
-                    };
-                    self.backend.worker_stopped(Instant::now());
+            let mut child = match self.spawn() {
+                Ok(child) => child,
+                Err(e) => {
+                    tracing::error!(worker = %self.index, command = ?self.config.command, error = %e, "cannot start worker");
+                    let how = format!("failed to start: {e}");
+                    if self
+                        .after_exit(
+                            &mut history,
+                            &mut backoff,
+                            started,
+                            how,
+                            &mut restarts_asked,
+                        )
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            self.backend.worker_started(child.id(), started);
+            up.set(1.0);
+            tracing::info!(worker = %self.index, pid = ?child.id(), port = self.port, "worker started");
+            let ended = tokio::select! {
+                s = child.wait() => Ended::Exited(s),
+                () = self.stop.cancelled() => Ended::Stop,
+                Some(done) = restarts_asked.recv() => Ended::Restart(done),
+            };
+            // Out of rotation before anything else, so no new connection goes there.
+            self.backend.worker_stopped(Instant::now());
+            match ended {
+                Ended::Stop => {
+                    self.stop_child(&mut child).await;
+                    up.set(0.0);
+                    return;
+                }
+                Ended::Restart(done) => {
+                    tracing::info!(worker = %self.index, pid = ?child.id(), "rolling restart: stopping worker");
+                    self.stop_child(&mut child).await;
+                    up.set(0.0);
+                    let _ = done.send(());
+                    // A planned restart: start again at once, without counting an exit.
+                }
+                Ended::Exited(status) => {
                     up.set(0.0);
                     if self.stop.is_cancelled() {
                         return;
                     }
                     let how = describe(&status);
                     tracing::warn!(worker = %self.index, exit = %how, ran_for = ?started.elapsed(), "worker exited");
-                    (Instant::now(), how)
+                    if self
+                        .after_exit(
+                            &mut history,
+                            &mut backoff,
+                            started,
+                            how,
+                            &mut restarts_asked,
+                        )
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(worker = %self.index, command = ?self.config.command, error = %e, "cannot start worker");
-                    (Instant::now(), format!("failed to start: {e}"))
-                }
-            };
-            if ended.duration_since(started) >= self.config.crash_loop_window {
-                backoff.reset();
-            }
-            exits.push_back(ended);
-            while exits
-                .front()
-                .is_some_and(|t| ended.duration_since(*t) > self.config.crash_loop_window)
-            {
-                exits.pop_front();
-            }
-            if exits.len() >= self.config.crash_loop_restarts as usize {
-                let _ = self.crash.try_send(CrashLoop {
-                    index: self.index,
-                    exits: exits.len(),
-                    window: self.config.crash_loop_window,
-                    last_exit,
-                });
-                return;
-            }
-            let pause = backoff.next_delay();
-            tracing::info!(worker = %self.index, restart_in = ?pause, "restarting worker");
-            if self.pause(pause).await.is_err() {
-                return;
             }
         }
     }
 
-    /// Sleeps, unless stopping: then `Err`.
-    async fn pause(&self, d: Duration) -> Result<(), ()> {
-        tokio::select! {
-            () = self.stop.cancelled() => Err(()),
-            () = tokio::time::sleep(d) => Ok(()),
+    /// After an unplanned exit: crash-loop accounting, then the backoff pause. `Err` means
+    /// stop watching (crash loop, or portshare is stopping).
+    async fn after_exit(
+        &self,
+        history: &mut ExitHistory,
+        backoff: &mut Backoff,
+        started: Instant,
+        last_exit: String,
+        restarts_asked: &mut mpsc::Receiver<Restart>,
+    ) -> Result<(), ()> {
+        let now = Instant::now();
+        // A worker that ran for a whole window was healthy: its next failure starts small.
+        if now.saturating_duration_since(started) >= self.config.crash_loop_window {
+            backoff.reset();
+        }
+        if let Some(exits) = history.record(now) {
+            let _ = self.crash.try_send(CrashLoop {
+                index: self.index,
+                exits,
+                window: self.config.crash_loop_window,
+                last_exit,
+            });
+            return Err(());
+        }
+        let pause = backoff.next_delay();
+        tracing::info!(worker = %self.index, restart_in = ?pause, "restarting worker");
+        self.pause(pause, restarts_asked).await
+    }
+
+    /// Sleeps, unless stopping: then `Err`. A rolling restart that reaches a worker which is
+    /// down anyway is answered at once.
+    async fn pause(
+        &self,
+        d: Duration,
+        restarts_asked: &mut mpsc::Receiver<Restart>,
+    ) -> Result<(), ()> {
+        let wake = Instant::now() + d;
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return Err(()),
+                () = tokio::time::sleep_until(wake) => return Ok(()),
+                Some(done) = restarts_asked.recv() => { let _ = done.send(()); }
+            }
         }
     }
 
@@ -451,6 +646,31 @@ async fn relay(from: impl AsyncRead + Unpin, index: WorkerIndex, stream: Stream)
                     Stream::Stderr => writeln!(io::stderr().lock(), "[worker {index}] {text}"),
                 };
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_crash_loop_is_so_many_exits_within_the_window() {
+        let t0 = Instant::now();
+        let mut h = ExitHistory::new(3, 10 * SEC);
+        assert_eq!(h.record(t0), None);
+        assert_eq!(h.record(t0 + SEC), None);
+        assert_eq!(h.record(t0 + 2 * SEC), Some(3));
+    }
+
+    #[test]
+    fn exits_spread_wider_than_the_window_are_no_crash_loop() {
+        let t0 = Instant::now();
+        let mut h = ExitHistory::new(3, 10 * SEC);
+        for i in 0..20 {
+            assert_eq!(h.record(t0 + i * 6 * SEC), None, "exit {i}");
         }
     }
 }

@@ -172,6 +172,24 @@ def cmd_one_channel(args, stub):
     return {"workers": dict(workers), "errors": errors, "calls": args.calls}
 
 
+def cmd_steady(args, stub):
+    """A steady client: one channel, unary calls back to back for --seconds (at most
+    --calls), as a long-lived production client would make them."""
+    import time
+    workers, errors = Counter(), []
+    deadline = time.monotonic() + args.seconds
+    made = 0
+    while made < args.calls and time.monotonic() < deadline:
+        try:
+            reply = stub.Unary(protos.EchoRequest(payload=b"x"), timeout=args.timeout)
+            workers[reply.worker] += 1
+        except grpc.RpcError as err:
+            errors.append(f"{err.code().name}: {err.details()}")
+        made += 1
+        time.sleep(args.pause_ms / 1000)
+    return {"workers": dict(workers), "errors": errors, "calls": made}
+
+
 def key_value(text):
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -212,6 +230,12 @@ def parse_args(argv):
     p = sub.add_parser("spread", parents=[common])
     p.add_argument("--channels", type=int, default=10)
     p.set_defaults(run=cmd_spread)
+
+    p = sub.add_parser("steady", parents=[common])
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--calls", type=int, default=100000)
+    p.add_argument("--pause-ms", type=float, default=5.0)
+    p.set_defaults(run=cmd_steady)
 
     p = sub.add_parser("one-channel", parents=[common])
     p.add_argument("--calls", type=int, default=10)
