@@ -46,6 +46,7 @@ fn all_healthy(proxy: &Proxy) -> bool {
     states(proxy).iter().all(|s| s == "healthy")
 }
 
+#[cfg(unix)]
 fn pids(proxy: &Proxy) -> Vec<u32> {
     proxy
         .backends()
