@@ -380,3 +380,61 @@ fn sighup_restarts_workers_one_at_a_time_without_a_failed_call() {
         assert_eq!(b["restarts"], 1, "{b}");
     }
 }
+
+/// Children of `parent`: (pid, command name, state).
+#[cfg(target_os = "linux")]
+fn children_of(parent: u32) -> Vec<(u32, String, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1.to_owned();
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?.to_owned();
+            let ppid: u32 = fields.next()?.parse().ok()?;
+            (ppid == parent).then_some((pid, comm, state))
+        })
+        .collect()
+}
+
+/// A process a worker starts and abandons is adopted by portshare (Linux child subreaper),
+/// as it would be by PID 1 in a container, and reaped when it exits: no zombie is left.
+#[cfg(target_os = "linux")]
+#[test]
+fn orphans_of_workers_are_adopted_and_reaped() {
+    let script = format!(
+        "(sleep 1 &); exec '{}' '{}' --port \"$PORTSHARE_PORT\"",
+        python().display(),
+        python_dir().join("worker.py").display()
+    );
+    let proxy = Proxy::start(&[
+        "--workers",
+        "1",
+        "--worker-port-base",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let me = proxy.pid();
+    eventually(Duration::from_secs(10), "the orphan is adopted", || {
+        children_of(me).iter().any(|(_, comm, _)| comm == "sleep")
+    });
+    eventually(Duration::from_secs(10), "the orphan is reaped", || {
+        let kids = children_of(me);
+        !kids
+            .iter()
+            .any(|(_, comm, state)| comm == "sleep" || state == "Z")
+    });
+    // The worker itself is untouched by the reaper and still serves.
+    eventually(Duration::from_secs(10), "worker ready", || {
+        all_healthy(&proxy)
+    });
+    support::unary_ok(&proxy.target());
+}

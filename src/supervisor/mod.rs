@@ -461,9 +461,10 @@ impl Watcher {
                     continue;
                 }
             };
-            self.backend.worker_started(child.id(), started);
+            let pid = child.id();
+            self.backend.worker_started(pid, started);
             up.set(1.0);
-            tracing::info!(worker = %self.index, pid = ?child.id(), port = self.port, "worker started");
+            tracing::info!(worker = %self.index, pid = ?pid, port = self.port, "worker started");
             let ended = tokio::select! {
                 s = child.wait() => Ended::Exited(s),
                 () = self.stop.cancelled() => Ended::Stop,
@@ -474,17 +475,20 @@ impl Watcher {
             match ended {
                 Ended::Stop => {
                     self.stop_child(&mut child).await;
+                    self.guard.forget(pid);
                     up.set(0.0);
                     return;
                 }
                 Ended::Restart(done) => {
-                    tracing::info!(worker = %self.index, pid = ?child.id(), "rolling restart: stopping worker");
+                    tracing::info!(worker = %self.index, pid = ?pid, "rolling restart: stopping worker");
                     self.stop_child(&mut child).await;
+                    self.guard.forget(pid);
                     up.set(0.0);
                     let _ = done.send(());
                     // A planned restart: start again at once, without counting an exit.
                 }
                 Ended::Exited(status) => {
+                    self.guard.forget(pid);
                     up.set(0.0);
                     if self.stop.is_cancelled() {
                         return;
@@ -581,10 +585,7 @@ impl Watcher {
             WorkerOutput::Inherit => cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit()),
         };
         platform::prepare(&mut cmd);
-        let mut child = cmd.spawn()?;
-        if let Err(e) = self.guard.adopt(&child) {
-            tracing::warn!(worker = %self.index, error = %e, "cannot tie the worker's lifetime to portshare's");
-        }
+        let mut child = self.guard.spawn(&mut cmd)?;
         if let Some(out) = child.stdout.take() {
             tokio::spawn(relay(out, self.index, Stream::Stdout));
         }

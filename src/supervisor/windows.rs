@@ -30,15 +30,20 @@ impl Guard {
         Ok(Self { job })
     }
 
-    /// Puts a freshly spawned worker in the job.
-    pub fn adopt(&self, child: &Child) -> io::Result<()> {
-        let Some(handle) = child.raw_handle() else {
-            return Ok(()); // already exited
-        };
-        self.job
-            .assign_process(handle as isize)
-            .map_err(|e| io::Error::other(e.to_string()))
+    /// Spawns a worker and puts it in the job. A worker that cannot join the job still
+    /// runs (it would merely outlive a killed portshare), so that is only logged.
+    pub fn spawn(&self, cmd: &mut Command) -> io::Result<Child> {
+        let child = cmd.spawn()?;
+        if let Some(handle) = child.raw_handle()
+            && let Err(e) = self.job.assign_process(handle as isize)
+        {
+            tracing::warn!(error = %e, "cannot tie the worker's lifetime to portshare's");
+        }
+        Ok(child)
     }
+
+    /// Nothing to do: Windows has no orphan reaping.
+    pub fn forget(&self, _pid: Option<u32>) {}
 }
 
 /// Sets a command up before it is spawned.
