@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # portshare's main job, for real: build it, install what the Python workers need (a venv
-# under target/), start 4 Python gRPC workers on their own ports, put portshare in front of
-# them, and run a client whose calls visibly spread over the workers.
+# under target/), let portshare start 4 Python gRPC workers on their own ports, and run a
+# client whose calls visibly spread over them.
 #
 #   examples/demo.sh            # proxy on 127.0.0.1:21051, workers on 21052-21055
 #   DEMO_PORT=23051 examples/demo.sh
@@ -12,16 +12,16 @@ cd "$(dirname "$0")/.."
 
 port=${DEMO_PORT:-21051}
 workers=4
-first=$((port + 1))
-last=$((port + workers))
 admin=$((port - 1))
 venv=target/demo-venv
-pids=()
+portshare_pid=
 
 cleanup() {
-    # SIGTERM: portshare drains, the workers stop gracefully.
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    # SIGTERM: portshare drains, then stops its workers gracefully.
+    if [ -n "$portshare_pid" ]; then
+        kill -TERM "$portshare_pid" 2>/dev/null || true
+        wait "$portshare_pid" 2>/dev/null || true
+    fi
 }
 trap cleanup EXIT INT TERM
 
@@ -38,39 +38,30 @@ if ! cmp -s "$requirements" "$venv/requirements.installed" 2>/dev/null; then
 fi
 py="$venv/bin/python"
 
-echo "== starting $workers Python gRPC workers on ports $first-$last"
-for p in $(seq "$first" "$last"); do
-    "$py" examples/python/server.py --port "$p" &
-    pids+=($!)
-done
+echo "== portshare on 127.0.0.1:$port starts $workers workers (admin on 127.0.0.1:$admin)"
+target/release/portshare --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" \
+    --workers "$workers" -- "$py" examples/python/server.py --port '{port}' &
+portshare_pid=$!
 
-wait_for_port() { # bounded: 30 s
-    for _ in $(seq 300); do
-        if "$py" -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "nothing listens on port $1 after 30 s" >&2
-    exit 1
-}
-for p in $(seq "$first" "$last"); do wait_for_port "$p"; done
-
-echo "== starting portshare on 127.0.0.1:$port (admin on 127.0.0.1:$admin)"
-target/release/portshare --listen "127.0.0.1:$port" --backend "127.0.0.1:$first-$last" \
-    --admin "127.0.0.1:$admin" &
-pids+=($!)
-wait_for_port "$admin"
+# Wait (bounded: 60 s) until portshare reports every worker ready.
+"$py" - "$admin" "$workers" <<'PY'
+import json, sys, time, urllib.request
+admin, want = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/backends", timeout=2) as r:
+            if sum(b["ready"] for b in json.load(r)) == want:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.1)
+sys.exit("the workers did not become ready within 60 s")
+PY
 
 echo "== 40 calls, each on a new client connection, through portshare"
 "$py" examples/python/client.py --target "127.0.0.1:$port" --calls 40
 
-echo "== what portshare counted (portshare_backend_connections_total on its admin /metrics)"
-"$py" - "$admin" <<'PY'
-import re, sys, urllib.request
-with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5) as r:
-    text = r.read().decode()
-for backend, n in sorted(re.findall(r'^portshare_backend_connections_total\{backend="([^"]+)"\} (\S+)$', text, re.M)):
-    print(f"  {backend:<18} {int(float(n)):>3} connections")
-PY
-echo "== done; stopping portshare and the workers"
+echo "== portshare status"
+target/release/portshare status --admin "127.0.0.1:$admin"
+echo "== done; stopping portshare, which drains and then stops its workers"

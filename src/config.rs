@@ -1001,6 +1001,45 @@ mod tests {
         assert_eq!(again.to_toml(), text);
     }
 
+    /// Every key `check` can print is documented in config/portshare.toml (set, or shown
+    /// commented out with its default).
+    #[test]
+    fn the_shipped_example_config_documents_every_key() {
+        let text = include_str!("../config/portshare.toml");
+        let workers = Opts {
+            workers: Some(2),
+            listen: Some("127.0.0.1:9000".into()),
+            command: vec!["true".into()],
+            health: Some("grpc".into()),
+            ..Opts::default()
+        };
+        let c = load(&workers, &env(&[])).unwrap_or_else(|e| panic!("{e}"));
+        let effective: toml::Table = c.to_toml().parse().unwrap_or_else(|e| panic!("{e}"));
+        fn keys(table: &toml::Table, out: &mut Vec<String>) {
+            for (k, v) in table {
+                out.push(k.clone());
+                if let toml::Value::Table(t) = v {
+                    keys(t, out);
+                }
+            }
+        }
+        let mut all = Vec::new();
+        keys(&effective, &mut all);
+        all.push("backends".into());
+        for key in all {
+            let documented = text.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim();
+                l.starts_with(&format!("{key} ="))
+                    || l == format!("[{key}]")
+                    || l.ends_with(&format!(".{key}]"))
+            });
+            assert!(
+                documented,
+                "config/portshare.toml does not document {key:?}"
+            );
+        }
+    }
+
     #[test]
     fn the_shipped_example_config_is_valid() {
         let o = Opts {

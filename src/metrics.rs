@@ -5,7 +5,7 @@
 //! constants, so the list below is the complete catalogue.
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Client connections accepted by the public listener.
 pub const CONNECTIONS_ACCEPTED: &str = "portshare_connections_accepted_total";
@@ -43,7 +43,16 @@ pub const BACKEND_RECEIVED_BYTES: &str = "portshare_backend_received_bytes_total
 /// Installs the process-wide Prometheus recorder and describes every metric once.
 /// Call it once, before any component records; the handle renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let handle = PrometheusBuilder::new().install_recorder()?;
+    let handle = PrometheusBuilder::new()
+        // Real histogram buckets (not a summary), so checks can be aggregated across
+        // instances; from a loopback connect (~0.1 ms) to the default 1 s timeout.
+        .set_buckets_for_metric(
+            Matcher::Full(HEALTH_CHECK_SECONDS.to_owned()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ],
+        )?
+        .install_recorder()?;
     describe();
     Ok(handle)
 }

@@ -438,3 +438,116 @@ fn orphans_of_workers_are_adopted_and_reaped() {
     });
     support::unary_ok(&proxy.target());
 }
+
+/// A worker that ignores SIGTERM is killed once `stop_grace` is over, and portshare still
+/// exits 0 with nothing left behind.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
+    let stubborn = "import os, signal, socket, time\n\
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+        s = socket.socket()\n\
+        s.bind(('127.0.0.1', int(os.environ['PORTSHARE_PORT'])))\n\
+        s.listen()\n\
+        time.sleep(600)\n";
+    let python = python().display().to_string();
+    let mut proxy = Proxy::start_env(
+        &[
+            "--workers",
+            "1",
+            "--worker-port-base",
+            "0",
+            "--drain-timeout",
+            "1s",
+            "--",
+            &python,
+            "-c",
+            stubborn,
+        ],
+        &[("PORTSHARE_WORKERS__STOP_GRACE", "500ms")],
+    );
+    eventually(Duration::from_secs(30), "worker ready", || {
+        all_healthy(&proxy)
+    });
+    let pid = worker_entry(&proxy, 0)["pid"].as_u64().unwrap_or(0) as u32;
+    support::signal(proxy.pid(), "TERM");
+    let status = proxy
+        .wait(Duration::from_secs(15))
+        .expect("portshare exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        proxy.log.contains("did not stop in time"),
+        "no SIGKILL logged"
+    );
+    assert!(!alive(pid), "the stubborn worker survived");
+}
+
+/// `[workers] env` and `cwd` reach the worker, with PORTSHARE_PORT, PORTSHARE_WORKER_INDEX
+/// and PORTSHARE_PID.
+#[test]
+fn workers_get_their_environment_and_working_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cwd = dir.path().canonicalize().expect("canonical");
+    let python = python().display().to_string();
+    let worker = python_dir().join("worker.py").display().to_string();
+    let script = format!(
+        "import os, sys\n\
+         print('env', os.environ['GREETING'], os.getcwd(), os.environ['PORTSHARE_WORKER_INDEX'], os.environ['PORTSHARE_PID'], flush=True)\n\
+         os.execv(sys.executable, [sys.executable, {worker:?}, '--port', os.environ['PORTSHARE_PORT']])\n"
+    );
+    let config = dir.path().join("portshare.toml");
+    let toml = format!(
+        "[workers]\ncount = 1\nport_base = 0\ncwd = {cwd:?}\ncommand = [{python:?}, \"-c\", {script:?}]\n[workers.env]\nGREETING = \"hello there\"\n",
+        cwd = cwd.display().to_string(),
+    );
+    std::fs::write(&config, toml).expect("write config");
+    let proxy = Proxy::start(&["--config", config.to_str().expect("utf-8")]);
+    let expected = format!(
+        "[worker 0] env hello there {} 0 {}",
+        cwd.display(),
+        proxy.pid()
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the worker printed its environment",
+        || proxy.log.contains(&expected),
+    );
+    eventually(Duration::from_secs(30), "worker ready", || {
+        all_healthy(&proxy)
+    });
+    support::unary_ok(&proxy.target());
+}
+
+/// A restart whose port was taken meanwhile (e.g. by an outgoing connection) fails loudly
+/// and is retried, not hung; the worker returns once the port is free.
+#[cfg(unix)]
+#[test]
+fn a_restart_whose_port_is_taken_is_retried_loudly() {
+    let proxy = start(1, &[], &[("PORTSHARE_WORKERS__RESTART_BACKOFF", "1s")], &[]);
+    eventually(Duration::from_secs(30), "worker ready", || {
+        all_healthy(&proxy)
+    });
+    let w = worker_entry(&proxy, 0);
+    let old = w["pid"].as_u64().unwrap_or(0);
+    let addr: std::net::SocketAddr = w["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("address");
+    support::signal(old as u32, "KILL");
+    let mut squatter = None;
+    eventually(Duration::from_secs(5), "the test takes the port", || {
+        squatter = TcpListener::bind(addr).ok();
+        squatter.is_some()
+    });
+    eventually(
+        Duration::from_secs(20),
+        "portshare says the port is taken",
+        || proxy.log.contains("its port is taken"),
+    );
+    assert_ne!(worker_entry(&proxy, 0)["state"], "healthy");
+    drop(squatter);
+    eventually(Duration::from_secs(30), "the worker is back", || {
+        let w = worker_entry(&proxy, 0);
+        w["state"] == "healthy" && w["pid"].as_u64().is_some_and(|p| p != old)
+    });
+}

@@ -71,8 +71,13 @@ def main():
     server.start()
     print(f"worker pid={os.getpid()} listening on {args.host}:{args.port}", file=sys.stderr, flush=True)
 
+    # Started by portshare: if it goes away without stopping us (on Linux and Windows the OS
+    # kills us with it; macOS has no such mechanism), our parent changes; stop then too.
+    parent = os.environ.get("PORTSHARE_PID")
     while not stop.wait(1.0):
-        pass
+        if parent and os.getppid() != int(parent):
+            print(f"worker pid={os.getpid()}: portshare is gone; stopping", file=sys.stderr, flush=True)
+            break
     server.stop(args.grace).wait()  # finish in-flight calls, refuse new ones
     return 0
 

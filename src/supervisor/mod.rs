@@ -349,7 +349,7 @@ async fn roll(workers: Vec<(Arc<Backend>, mpsc::Sender<Restart>)>, ready_timeout
             }
             tokio::time::sleep(READY_POLL).await;
         }
-        tracing::info!(worker = %index, pid = ?backend.status(Instant::now()).pid, "rolling restart: worker is back");
+        tracing::info!(worker = %index, pid = backend.status(Instant::now()).pid, "rolling restart: worker is back");
     }
     tracing::info!("rolling restart done");
 }
@@ -464,7 +464,7 @@ impl Watcher {
             let pid = child.id();
             self.backend.worker_started(pid, started);
             up.set(1.0);
-            tracing::info!(worker = %self.index, pid = ?pid, port = self.port, "worker started");
+            tracing::info!(worker = %self.index, pid, port = self.port, "worker started");
             let ended = tokio::select! {
                 s = child.wait() => Ended::Exited(s),
                 () = self.stop.cancelled() => Ended::Stop,
@@ -480,7 +480,7 @@ impl Watcher {
                     return;
                 }
                 Ended::Restart(done) => {
-                    tracing::info!(worker = %self.index, pid = ?pid, "rolling restart: stopping worker");
+                    tracing::info!(worker = %self.index, pid, "rolling restart: stopping worker");
                     self.stop_child(&mut child).await;
                     self.guard.forget(pid);
                     up.set(0.0);
@@ -573,6 +573,9 @@ impl Watcher {
         )
         .env("PORTSHARE_PORT", &port)
         .env("PORTSHARE_WORKER_INDEX", &index)
+        // Lets a worker notice that portshare is gone (its parent pid changes) where the
+        // OS cannot kill it for us (macOS has no parent-death signal).
+        .env("PORTSHARE_PID", std::process::id().to_string())
         .envs(&self.config.env)
         .stdin(Stdio::null())
         // Should this task ever be dropped without stopping its worker, the worker dies.
@@ -603,10 +606,10 @@ impl Watcher {
         }
         match tokio::time::timeout(self.config.stop_grace, child.wait()).await {
             Ok(status) => {
-                tracing::info!(worker = %self.index, ?pid, exit = %describe(&status), "worker stopped");
+                tracing::info!(worker = %self.index, pid, exit = %describe(&status), "worker stopped");
             }
             Err(_) => {
-                tracing::warn!(worker = %self.index, ?pid, grace = ?self.config.stop_grace, "worker did not stop in time; killing it");
+                tracing::warn!(worker = %self.index, pid, grace = ?self.config.stop_grace, "worker did not stop in time; killing it");
                 if let Err(e) = platform::force_stop(child) {
                     tracing::warn!(worker = %self.index, error = %e, "cannot kill worker");
                 }

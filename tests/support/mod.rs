@@ -285,7 +285,7 @@ impl Proxy {
             .args(args)
             .env("PORTSHARE_LOG", "info,portshare=debug")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start portshare");
@@ -293,6 +293,10 @@ impl Proxy {
         let (tx, rx) = mpsc::channel();
         if let Some(err) = child.stderr.take() {
             log.follow(err, "[portshare]".into(), Some(tx));
+        }
+        // Workers' stdout is relayed to portshare's stdout: collected in the same log.
+        if let Some(out) = child.stdout.take() {
+            log.follow(out, "[portshare stdout]".into(), None);
         }
         let (mut addr, mut admin) = (None, None);
         while addr.is_none() || admin.is_none() {
