@@ -24,6 +24,13 @@ pub enum Command {
     Check,
     /// Print the backends of a running portshare as a table, from its admin endpoint (--admin).
     Status,
+    /// Exit 0 if a running portshare's admin endpoint (--admin) answers /readyz with 200,
+    /// else 1: a container health check that needs no curl.
+    Probe {
+        /// The admin path to ask.
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+    },
 }
 
 /// Options; each one overrides the `PORTSHARE_*` variable and the config-file key of the same name.

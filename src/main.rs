@@ -40,8 +40,8 @@ fn main() -> ExitCode {
     let env: HashMap<String, String> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
-    if let Some(Command::Status) = cli.command {
-        return status(&cli, &env);
+    if matches!(cli.command, Some(Command::Status | Command::Probe { .. })) {
+        return ask_admin(&cli, &env);
     }
     let config = match config::load(&cli.opts, &env) {
         Ok(c) => c,
@@ -81,13 +81,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// `portshare status`: needs only the admin address, not a complete configuration.
-fn status(cli: &Cli, env: &HashMap<String, String>) -> ExitCode {
+/// `portshare status` and `portshare probe`: they need only the admin address, not a
+/// complete configuration.
+fn ask_admin(cli: &Cli, env: &HashMap<String, String>) -> ExitCode {
     let admin = match config::admin_addr(&cli.opts, env) {
         Ok(Some(addr)) => addr,
         Ok(None) => {
             eprintln!(
-                "portshare: status needs the admin address: give --admin ADDR (or admin in the config file)"
+                "portshare: this needs the admin address: give --admin ADDR (or admin in the config file)"
             );
             return ExitCode::from(EXIT_USAGE);
         }
@@ -96,9 +97,13 @@ fn status(cli: &Cli, env: &HashMap<String, String>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    match portshare::status::fetch(admin) {
-        Ok(table) => {
-            print!("{table}");
+    let answer = match &cli.command {
+        Some(Command::Probe { path }) => portshare::status::probe(admin, path),
+        _ => portshare::status::fetch(admin),
+    };
+    match answer {
+        Ok(text) => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {

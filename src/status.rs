@@ -1,5 +1,6 @@
-//! `portshare status`: the backends of a running instance, read from its admin endpoint's
-//! `/backends` and printed as a table.
+//! Asking a running instance over its admin endpoint: `portshare status` (the backends of
+//! `/backends` as a table) and `portshare probe` (is `/readyz` 200?, for container health
+//! checks that must not need curl).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -22,8 +23,8 @@ pub enum StatusError {
         #[source]
         source: io::Error,
     },
-    /// It answered, but not with the backend list.
-    #[error("unexpected answer from {addr}/backends: {what}")]
+    /// It answered, but not as hoped.
+    #[error("unexpected answer from {addr}: {what}")]
     Answer {
         /// Where we asked.
         addr: SocketAddr,
@@ -46,27 +47,62 @@ struct Row {
     last_check: Option<String>,
 }
 
-/// Fetches `/backends` from `addr` and renders the table.
-pub fn fetch(addr: SocketAddr) -> Result<String, StatusError> {
+/// GET `path` from the admin endpoint at `addr`: (status code, body).
+fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
     let io_err = |source| StatusError::Io { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(io_err)?;
     stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
-    stream
-        .write_all(b"GET /backends HTTP/1.1\r\nHost: portshare\r\nConnection: close\r\n\r\n")
-        .map_err(io_err)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: portshare\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io_err)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).map_err(io_err)?;
     let text = String::from_utf8_lossy(&raw);
-    let answer = |what: String| StatusError::Answer { addr, what };
+    let answer = |what: &str| StatusError::Answer {
+        addr,
+        what: what.to_owned(),
+    };
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| answer("no HTTP response".into()))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        let status = head.lines().next().unwrap_or_default();
-        return Err(answer(status.to_owned()));
+        .ok_or_else(|| answer("no HTTP response"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| answer("no HTTP status"))?;
+    Ok((code, body.to_owned()))
+}
+
+/// Fetches `/backends` from `addr` and renders the table.
+pub fn fetch(addr: SocketAddr) -> Result<String, StatusError> {
+    let (code, body) = get(addr, "/backends")?;
+    if code != 200 {
+        return Err(StatusError::Answer {
+            addr,
+            what: format!("HTTP {code}"),
+        });
     }
-    let rows: Vec<Row> = serde_json::from_str(body).map_err(|e| answer(e.to_string()))?;
+    let rows: Vec<Row> = serde_json::from_str(&body).map_err(|e| StatusError::Answer {
+        addr,
+        what: e.to_string(),
+    })?;
     Ok(render(&rows))
+}
+
+/// Asks `path` (e.g. `/readyz`) and returns its answer when it is 200, or an error saying
+/// what it was instead.
+pub fn probe(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
+    let (code, body) = get(addr, path)?;
+    if code == 200 {
+        Ok(body)
+    } else {
+        Err(StatusError::Answer {
+            addr,
+            what: format!("{path}: HTTP {code}: {}", body.trim()),
+        })
+    }
 }
 
 fn render(rows: &[Row]) -> String {

@@ -98,7 +98,15 @@ fn workers_are_started_ready_and_stopped_cleanly() {
         BTreeSet::from(["w0".into(), "w1".into(), "w2".into()])
     );
     // Worker output is passed through with a prefix.
-    assert!(proxy.log.contains("[worker 1]"), "{:?}", proxy.log.all());
+    assert!(
+        proxy.log.contains("[worker 1]"),
+        "no prefixed worker output"
+    );
+    // Free ports come from Linux's ephemeral range: portshare says so, with the fix.
+    assert!(
+        proxy.log.contains("ip_local_reserved_ports"),
+        "no ephemeral-range warning"
+    );
 
     let before = pids(&proxy);
     assert_eq!(before.len(), 3);
@@ -115,6 +123,9 @@ fn workers_are_started_ready_and_stopped_cleanly() {
         assert!(table.contains(&pid.to_string()), "{table}");
     }
     assert_eq!(table.matches("healthy").count(), 3, "{table}");
+    // `portshare probe` is the container health check: /readyz answered 200.
+    let (code, out, err) = support::run_portshare(&["probe", "--admin", &admin], &[]);
+    assert_eq!((code, out.trim()), (Some(0), "ready"), "{err}");
 
     support::signal(proxy.pid(), "TERM");
     let status = proxy
@@ -292,6 +303,10 @@ fn grpc_health_checks_static_backends_by_service_name() {
         || states(&unknown) == ["unhealthy"],
     );
     assert_eq!(unknown.admin_get("/readyz").0, 503);
+    let (code, _, err) =
+        support::run_portshare(&["probe", "--admin", &unknown.admin.to_string()], &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("503") && err.lines().count() == 1, "{err}");
     let entry = worker_entry_static(&unknown);
     assert!(
         entry["last_check"]
