@@ -36,6 +36,8 @@ pub struct AdminState {
     /// Cancelled when shutdown begins: `/readyz` then answers 503, so orchestrators stop
     /// sending new work while the drain runs.
     pub draining: CancellationToken,
+    /// Asks for a rolling restart of spawned workers; `None` when there are none.
+    pub restart: Option<tokio::sync::mpsc::Sender<()>>,
 }
 
 /// Serves the admin endpoints until `stop` is cancelled.
@@ -92,6 +94,9 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/workers/restart" {
+        return restart_workers(state, req);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
     }
@@ -131,7 +136,22 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /backends or /metrics\n",
+            "not found: try /healthz, /readyz, /backends, /metrics or POST /workers/restart\n",
         ),
+    }
+}
+
+/// `POST /workers/restart`: what SIGHUP does, for platforms without it.
+fn restart_workers(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+    }
+    match &state.restart {
+        None => text(StatusCode::CONFLICT, "no spawned workers to restart\n"),
+        Some(tx) => {
+            // A full channel means one request is already waiting: this one adds nothing.
+            let _ = tx.try_send(());
+            text(StatusCode::ACCEPTED, "rolling restart requested\n")
+        }
     }
 }

@@ -24,6 +24,9 @@ pub enum Command {
     Check,
     /// Print the backends of a running portshare as a table, from its admin endpoint (--admin).
     Status,
+    /// Restart a running portshare's spawned workers one at a time, via its admin endpoint
+    /// (--admin): what SIGHUP does, also on Windows.
+    Restart,
     /// Exit 0 if a running portshare's admin endpoint (--admin) answers /readyz with 200,
     /// else 1: a container health check that needs no curl.
     Probe {

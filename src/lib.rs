@@ -103,15 +103,47 @@ fn log_bound(role: &'static str, l: &TcpListener) {
     }
 }
 
+/// Requests for a rolling restart of the spawned workers: SIGHUP, or `POST /workers/restart`
+/// on the admin endpoint (the way on Windows, which has no SIGHUP).
+#[derive(Debug)]
+pub struct Reloads {
+    tx: mpsc::Sender<()>,
+    rx: mpsc::Receiver<()>,
+}
+
+impl Default for Reloads {
+    fn default() -> Self {
+        // One pending request is enough: more while it waits would add nothing.
+        let (tx, rx) = mpsc::channel(1);
+        Self { tx, rx }
+    }
+}
+
+impl Reloads {
+    /// A fresh channel.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Where requests are sent from (the signal watcher).
+    pub fn sender(&self) -> mpsc::Sender<()> {
+        self.tx.clone()
+    }
+}
+
 /// Serves until `shutdown` begins, then drains for up to the configured drain timeout.
-/// Each message on `reloads` (SIGHUP) restarts spawned workers one at a time.
+/// Each request on `reloads` restarts spawned workers one at a time.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
     prometheus: Option<PrometheusHandle>,
-    mut reloads: mpsc::Receiver<()>,
+    reloads: Reloads,
 ) -> Result<(), Error> {
+    let Reloads {
+        tx: reload_tx,
+        rx: mut reloads,
+    } = reloads;
     let specs = match &config.workers {
         None => config.backends.clone(),
         Some(w) => supervisor::plan_ports(w)?
@@ -143,6 +175,7 @@ pub async fn run(
             backends: Arc::clone(&backends),
             prometheus,
             draining: shutdown.stop_token().clone(),
+            restart: workers.is_some().then(|| reload_tx.clone()),
         };
         tokio::spawn(admin::serve(l, state, admin_stop.clone()))
     });

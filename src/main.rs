@@ -40,7 +40,10 @@ fn main() -> ExitCode {
     let env: HashMap<String, String> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
-    if matches!(cli.command, Some(Command::Status | Command::Probe { .. })) {
+    if matches!(
+        cli.command,
+        Some(Command::Status | Command::Probe { .. } | Command::Restart)
+    ) {
         return ask_admin(&cli, &env);
     }
     let config = match config::load(&cli.opts, &env) {
@@ -81,7 +84,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `portshare status` and `portshare probe`: they need only the admin address, not a
+/// `portshare status`, `probe` and `restart`: they need only the admin address, not a
 /// complete configuration.
 fn ask_admin(cli: &Cli, env: &HashMap<String, String>) -> ExitCode {
     let admin = match config::admin_addr(&cli.opts, env) {
@@ -99,6 +102,7 @@ fn ask_admin(cli: &Cli, env: &HashMap<String, String>) -> ExitCode {
     };
     let answer = match &cli.command {
         Some(Command::Probe { path }) => portshare::status::probe(admin, path),
+        Some(Command::Restart) => portshare::status::restart(admin),
         _ => portshare::status::fetch(admin),
     };
     match answer {
@@ -118,8 +122,8 @@ async fn serve(config: Config) -> Result<(), Error> {
     let signals = Signals::new().map_err(Error::Signals)?;
     let shutdown = Shutdown::new();
     let listeners = Listeners::bind(&config)?;
-    let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(signals.watch(shutdown.clone(), reload_tx));
+    let reloads = portshare::Reloads::new();
+    tokio::spawn(signals.watch(shutdown.clone(), reloads.sender()));
     portshare::run(config, listeners, shutdown, Some(prometheus), reloads).await
 }
 

@@ -49,12 +49,17 @@ struct Row {
 
 /// GET `path` from the admin endpoint at `addr`: (status code, body).
 fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
+    request(addr, "GET", path)
+}
+
+/// One HTTP/1.1 request without a body to the admin endpoint: (status code, body).
+fn request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), StatusError> {
     let io_err = |source| StatusError::Io { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(io_err)?;
     stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: portshare\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: portshare\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(io_err)?;
     let mut raw = Vec::new();
@@ -102,6 +107,17 @@ pub fn probe(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
             addr,
             what: format!("{path}: HTTP {code}: {}", body.trim()),
         })
+    }
+}
+
+/// Asks for a rolling restart of the spawned workers (what SIGHUP does).
+pub fn restart(addr: SocketAddr) -> Result<String, StatusError> {
+    match request(addr, "POST", "/workers/restart")? {
+        (202, body) => Ok(body),
+        (code, body) => Err(StatusError::Answer {
+            addr,
+            what: format!("HTTP {code}: {}", body.trim()),
+        }),
     }
 }
 

@@ -566,3 +566,34 @@ fn a_restart_whose_port_is_taken_is_retried_loudly() {
         w["state"] == "healthy" && w["pid"].as_u64().is_some_and(|p| p != old)
     });
 }
+
+/// `portshare restart --admin ADDR` does what SIGHUP does (the way on Windows).
+#[test]
+fn the_admin_endpoint_restarts_workers_where_there_is_no_sighup() {
+    let proxy = start(2, &[], &[], &[]);
+    eventually(Duration::from_secs(30), "workers ready", || {
+        all_healthy(&proxy)
+    });
+    let old: Vec<u64> = proxy
+        .backends()
+        .iter()
+        .filter_map(|b| b["pid"].as_u64())
+        .collect();
+    let admin = proxy.admin.to_string();
+    let (code, out, err) = support::run_portshare(&["restart", "--admin", &admin], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("rolling restart requested"), "{out}");
+    eventually(Duration::from_secs(30), "both workers replaced", || {
+        let b = proxy.backends();
+        b.iter().all(|w| {
+            w["state"] == "healthy" && w["pid"].as_u64().is_some_and(|p| !old.contains(&p))
+        })
+    });
+
+    // Without spawned workers there is nothing to restart: a clear refusal.
+    let sidecar = Proxy::start(&["--backend", &proxy.target()]);
+    let (code, _, err) =
+        support::run_portshare(&["restart", "--admin", &sidecar.admin.to_string()], &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no spawned workers"), "{err}");
+}
