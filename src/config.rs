@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{BackendSpec, EjectionConfig};
 use crate::balance::Balance;
 use crate::cli::Opts;
+use crate::h2::H2Config;
 use crate::health::{CheckKind, HealthConfig};
 use crate::l4::L4Config;
 use crate::listener::ListenerConfig;
@@ -48,12 +49,15 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 pub enum Mode {
     /// Each client connection goes to one backend; bytes are copied both ways.
     L4,
+    /// HTTP/2 is terminated and every call is balanced on its own.
+    H2,
 }
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Mode::L4 => f.write_str("l4"),
+            Mode::H2 => f.write_str("h2"),
         }
     }
 }
@@ -108,6 +112,24 @@ pub struct RawConfig {
     pub health: Option<RawHealth>,
     /// Spawned workers.
     pub workers: Option<RawWorkers>,
+    /// h2-mode limits and windows.
+    pub h2: Option<RawH2>,
+}
+
+/// `[h2]` as written.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawH2 {
+    /// Streams per client connection.
+    pub max_concurrent_streams: Option<u64>,
+    /// Largest header block, bytes.
+    pub max_header_list_size: Option<u64>,
+    /// Calls in flight across the proxy.
+    pub max_calls: Option<u64>,
+    /// Per-stream flow-control window, bytes.
+    pub stream_window: Option<u64>,
+    /// Per-connection flow-control window, bytes.
+    pub connection_window: Option<u64>,
 }
 
 /// `[health]` as written.
@@ -183,6 +205,8 @@ pub struct Config {
     pub balance: Balance,
     /// Connect and copy settings of l4 mode.
     pub l4: L4Config,
+    /// Limits and windows of h2 mode.
+    pub h2: H2Config,
     /// Passive ejection settings.
     pub ejection: EjectionConfig,
     /// Active health checks.
@@ -353,12 +377,7 @@ impl RawConfig {
         };
         let mode = match self.mode.as_deref().unwrap_or("l4") {
             "l4" => Mode::L4,
-            "h2" => {
-                return Err(err(
-                    "mode",
-                    "h2 is not available in this version yet; use l4",
-                ));
-            }
+            "h2" => Mode::H2,
             other => {
                 return Err(err(
                     "mode",
@@ -397,9 +416,11 @@ impl RawConfig {
             _ => {}
         }
         let health = self.health.clone().unwrap_or_default().validate()?;
-        let balance = match &self.balance {
-            Some(s) => s.parse().map_err(|e: String| err("balance", e))?,
-            None => Balance::LeastConn,
+        let balance = match (&self.balance, mode) {
+            (Some(s), _) => s.parse().map_err(|e: String| err("balance", e))?,
+            (None, Mode::L4) => Balance::LeastConn,
+            // Calls are short and many: p2c spreads them without herding on one "best".
+            (None, Mode::H2) => Balance::P2c,
         };
         let admin = self
             .admin
@@ -452,7 +473,13 @@ impl RawConfig {
                 ));
             }
         };
+        let h2 = self
+            .h2
+            .clone()
+            .unwrap_or_default()
+            .validate(connect_timeout, connect_attempts)?;
         Ok(Config {
+            h2,
             listener: ListenerConfig {
                 addr: listen,
                 max_connections,
@@ -474,6 +501,70 @@ impl RawConfig {
             admin,
             drain_timeout: duration("drain_timeout", self.drain_timeout.as_deref(), "30s")?,
             log_format,
+        })
+    }
+}
+
+fn ranged(
+    key: &str,
+    value: Option<u64>,
+    default: u64,
+    lo: u64,
+    hi: u64,
+) -> Result<u64, ConfigError> {
+    match value.unwrap_or(default) {
+        n if (lo..=hi).contains(&n) => Ok(n),
+        n => Err(err(key, format!("{n} is out of range ({lo} to {hi})"))),
+    }
+}
+
+impl RawH2 {
+    fn validate(
+        &self,
+        connect_timeout: Duration,
+        attempts: usize,
+    ) -> Result<H2Config, ConfigError> {
+        // HTTP/2's own bounds: windows up to 2^31-1; at least the 64 KiB default.
+        const MAX_WINDOW: u64 = (1 << 31) - 1;
+        let u32_of = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(H2Config {
+            max_concurrent_streams: u32_of(ranged(
+                "h2.max_concurrent_streams",
+                self.max_concurrent_streams,
+                1000,
+                1,
+                u64::from(u32::MAX),
+            )?),
+            max_header_list_size: u32_of(ranged(
+                "h2.max_header_list_size",
+                self.max_header_list_size,
+                16 * 1024,
+                1024,
+                16 * 1024 * 1024,
+            )?),
+            max_calls: ranged(
+                "h2.max_calls",
+                self.max_calls,
+                10_000,
+                1,
+                tokio::sync::Semaphore::MAX_PERMITS as u64,
+            )? as usize,
+            attempts,
+            stream_window: u32_of(ranged(
+                "h2.stream_window",
+                self.stream_window,
+                1024 * 1024,
+                65_535,
+                MAX_WINDOW,
+            )?),
+            connection_window: u32_of(ranged(
+                "h2.connection_window",
+                self.connection_window,
+                16 * 1024 * 1024,
+                65_535,
+                MAX_WINDOW,
+            )?),
+            connect_timeout,
         })
     }
 }
@@ -683,6 +774,13 @@ impl Config {
                 timeout: Some(human(self.health.timeout)),
                 healthy_threshold: Some(u64::from(self.health.healthy_threshold)),
                 unhealthy_threshold: Some(u64::from(self.health.unhealthy_threshold)),
+            }),
+            h2: Some(RawH2 {
+                max_concurrent_streams: Some(u64::from(self.h2.max_concurrent_streams)),
+                max_header_list_size: Some(u64::from(self.h2.max_header_list_size)),
+                max_calls: Some(self.h2.max_calls as u64),
+                stream_window: Some(u64::from(self.h2.stream_window)),
+                connection_window: Some(u64::from(self.h2.connection_window)),
             }),
             workers: self.workers.as_ref().map(|w| RawWorkers {
                 count: Some(w.count as u64),

@@ -10,6 +10,7 @@
 //! - [`balance`]: round-robin, least-conn and p2c over a list of candidates.
 //! - [`backend`]: the shared backend set: addresses, load, passive ejection.
 //! - [`l4`]: pick → connect (timeout, retry elsewhere) → copy both ways.
+//! - [`h2`]: HTTP/2 terminated; per call: pick → pooled backend connection → stream through.
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`metrics`]: metric names, described once; the Prometheus recorder.
 //! - [`admin`]: `/healthz`, `/readyz`, `/backends`, `/metrics`.
@@ -23,6 +24,7 @@ pub mod backoff;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod h2;
 pub mod health;
 pub mod l4;
 pub mod listener;
@@ -31,8 +33,10 @@ pub mod shutdown;
 pub mod status;
 pub mod supervisor;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -43,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{BackendSet, BackendSpec, WorkerIndex};
 use crate::balance::Balancer;
 use crate::config::{Config, Mode};
+use crate::h2::H2Proxy;
 use crate::l4::{L4Proxy, TcpConnect};
 use crate::shutdown::{Drained, Shutdown};
 
@@ -188,16 +193,17 @@ pub async fn run(
         "serving"
     );
     let mut crash = None;
-    match config.mode {
+    let balancer = Balancer::new(config.balance);
+    let abort = shutdown.abort_token().clone();
+    let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match config.mode {
         Mode::L4 => {
             let proxy = Arc::new(L4Proxy::new(
                 config.l4.clone(),
                 Arc::clone(&backends),
-                Balancer::new(config.balance),
+                balancer,
                 TcpConnect,
             ));
-            let abort = shutdown.abort_token().clone();
-            let serve = listener::serve(
+            Box::pin(listener::serve(
                 listeners.proxy,
                 &config.listener,
                 &shutdown,
@@ -206,30 +212,46 @@ pub async fn run(
                     let abort = abort.clone();
                     async move { proxy.handle(stream, &abort).await }
                 },
-            );
-            let mut crashes = match workers.as_mut() {
-                Some(w) => w.crashes(),
-                None => supervisor::Crashes::none(),
-            };
-            tokio::pin!(serve);
-            loop {
-                tokio::select! {
-                    () = &mut serve => break,
-                    c = crashes.next() => {
-                        tracing::error!(error = %c, "worker crash loop: shutting down");
-                        crash = Some(c);
-                        shutdown.begin();
-                    }
-                    Some(()) = reloads.recv() => match &workers {
-                        Some(w) => {
-                            if !w.rolling_restart() {
-                                tracing::warn!("SIGHUP: a rolling restart is already under way");
-                            }
-                        }
-                        None => tracing::info!("SIGHUP: no spawned workers to restart"),
-                    },
-                }
+            ))
+        }
+        Mode::H2 => {
+            let proxy = Arc::new(H2Proxy::new(
+                config.h2.clone(),
+                Arc::clone(&backends),
+                balancer,
+            ));
+            let stop = shutdown.stop_token().clone();
+            Box::pin(listener::serve(
+                listeners.proxy,
+                &config.listener,
+                &shutdown,
+                move |stream, peer| {
+                    Arc::clone(&proxy).serve_connection(stream, peer, stop.clone(), abort.clone())
+                },
+            ))
+        }
+    };
+    let mut crashes = match workers.as_mut() {
+        Some(w) => w.crashes(),
+        None => supervisor::Crashes::none(),
+    };
+    tokio::pin!(serve);
+    loop {
+        tokio::select! {
+            () = &mut serve => break,
+            c = crashes.next() => {
+                tracing::error!(error = %c, "worker crash loop: shutting down");
+                crash = Some(c);
+                shutdown.begin();
             }
+            Some(()) = reloads.recv() => match &workers {
+                Some(w) => {
+                    if !w.rolling_restart() {
+                        tracing::warn!("reload: a rolling restart is already under way");
+                    }
+                }
+                None => tracing::info!("reload: no spawned workers to restart"),
+            },
         }
     }
     let open = shutdown.tracker().len();

@@ -35,6 +35,16 @@ pub const HEALTH_CHECK_SECONDS: &str = "portshare_health_check_duration_seconds"
 pub const WORKER_RESTARTS: &str = "portshare_worker_restarts_total";
 /// 1 while a spawned worker's process runs, else 0.
 pub const WORKER_UP: &str = "portshare_worker_up";
+/// h2 mode: calls finished, by `backend` and `grpc_status`.
+pub const CALLS: &str = "portshare_calls_total";
+/// h2 mode: how long calls take, from arrival to the end of the response.
+pub const CALL_DURATION_SECONDS: &str = "portshare_call_duration_seconds";
+/// h2 mode: calls in flight.
+pub const CALLS_IN_FLIGHT: &str = "portshare_calls_in_flight";
+/// h2 mode: calls placed again on another backend that certainly never saw them.
+pub const CALL_RETRIES: &str = "portshare_call_retries_total";
+/// h2 mode: calls refused at once because too many were in flight.
+pub const CALLS_SHED: &str = "portshare_calls_shed_total";
 /// Bytes copied from clients to each backend.
 pub const BACKEND_SENT_BYTES: &str = "portshare_backend_sent_bytes_total";
 /// Bytes copied from each backend to its clients.
@@ -52,12 +62,37 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ],
         )?
+        .set_buckets_for_metric(
+            Matcher::Full(CALL_DURATION_SECONDS.to_owned()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ],
+        )?
         .install_recorder()?;
     describe();
     Ok(handle)
 }
 
 fn describe() {
+    describe_counter!(
+        CALLS,
+        "Calls finished (h2 mode), by backend and grpc_status."
+    );
+    describe_histogram!(
+        CALL_DURATION_SECONDS,
+        Unit::Seconds,
+        "Call duration (h2 mode), arrival to end of response."
+    );
+    describe_gauge!(CALLS_IN_FLIGHT, "Calls in flight (h2 mode).");
+    describe_counter!(
+        CALL_RETRIES,
+        "Calls placed again on another backend that never saw them (h2 mode)."
+    );
+    describe_counter!(
+        CALLS_SHED,
+        "Calls refused at once: too many in flight (h2 mode)."
+    );
     describe_counter!(HEALTH_CHECKS, "Health checks run, by backend and result.");
     describe_histogram!(
         HEALTH_CHECK_SECONDS,

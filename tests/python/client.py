@@ -83,8 +83,24 @@ def cmd_unary(args, stub):
     request = protos.EchoRequest(
         payload=payload, reply_size=args.reply_size, sleep_ms=args.sleep_ms,
         fail_code=args.fail_code, fail_message=args.fail_message,
+        trailers_only=args.trailers_only,
     )
     reply = None
+    if args.cancel_after is not None:
+        # The client gives up on its own (not a deadline): the call is cancelled.
+        import time
+        future = stub.Unary.future(request, timeout=args.timeout, metadata=args.metadata)
+        time.sleep(args.cancel_after)
+        future.cancel()
+        call = future
+        try:
+            reply = future.result()
+        except (grpc.RpcError, grpc.FutureCancelledError):
+            pass
+        code = "CANCELLED" if future.cancelled() else status(future)[0]
+        return {"code": code, "details": "", "worker": None, "pid": None, "metadata": {},
+                "initial_metadata": {}, "trailing_metadata": {}, "payload_len": None,
+                "payload_ok": False}
     try:
         reply, call = stub.Unary.with_call(request, timeout=args.timeout, metadata=args.metadata)
     except grpc.RpcError as err:
@@ -212,6 +228,10 @@ def parse_args(argv):
     p.add_argument("--fail-code", type=int, default=0)
     p.add_argument("--fail-message", default="")
     p.add_argument("--metadata", action="append", default=[], type=key_value, metavar="K=V")
+    p.add_argument("--trailers-only", action="store_true",
+                   help="with --fail-code: the worker fails before sending any header")
+    p.add_argument("--cancel-after", type=float, default=None,
+                   help="cancel the call after this many seconds")
     p.set_defaults(run=cmd_unary)
 
     p = sub.add_parser("server-stream", parents=[common])

@@ -58,7 +58,7 @@ class Call:
     (or its deadline, or the server's shutdown) tore the call down.
     """
 
-    def __init__(self, worker, method, context):
+    def __init__(self, worker, method, context, headers_first=True):
         self.worker = worker
         self.method = method
         self.context = context
@@ -68,8 +68,9 @@ class Call:
         if not context.add_callback(self._on_done):
             self._on_done()  # already terminated: the callback would never run
         # Headers first, so a client learns which worker took the call even if
-        # it later fails or times out.
-        context.send_initial_metadata((("x-worker", worker.name),))
+        # it later fails or times out (unless the test wants a Trailers-Only error).
+        if headers_first:
+            context.send_initial_metadata((("x-worker", worker.name),))
         context.set_trailing_metadata((("x-trailer", f"done-{worker.name}"),))
 
     def _on_done(self):
@@ -124,7 +125,7 @@ class EchoWorker(services.EchoServicer):
         return out
 
     def Unary(self, request, context):
-        call = Call(self, "Unary", context)
+        call = Call(self, "Unary", context, headers_first=not request.trailers_only)
         call.maybe_fail(request)
         if not call.sleep(request):
             return protos.EchoReply()  # nobody is listening any more

@@ -1,5 +1,6 @@
-//! l4 mode end to end: real Python grpcio workers behind the real binary, driven by real
-//! Python grpcio clients.
+//! Both modes end to end: real Python grpcio workers behind the real binary, driven by real
+//! Python grpcio clients. Each behaviour is one function taking the mode; the `l4` and `h2`
+//! modules at the bottom run it in each.
 
 mod support;
 
@@ -15,17 +16,17 @@ fn backends_args(workers: &[Worker]) -> Vec<String> {
         .collect()
 }
 
-fn start_proxy(workers: &[Worker], extra: &[&str]) -> Proxy {
+fn start_proxy(mode: &str, workers: &[Worker], extra: &[&str]) -> Proxy {
     let mut args = backends_args(workers);
+    args.extend(["--mode".to_owned(), mode.to_owned()]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     Proxy::start(&refs)
 }
 
-#[test]
-fn every_kind_of_call_goes_through() {
+fn every_kind_of_call_goes_through(mode: &str) {
     let workers = Worker::start_many(&["a", "b"]);
-    let proxy = start_proxy(&workers, &[]);
+    let proxy = start_proxy(mode, &workers, &[]);
     let t = proxy.target();
 
     let r = unary_ok(&t);
@@ -61,17 +62,31 @@ fn every_kind_of_call_goes_through() {
         "{r}"
     );
 
-    let r = client(&["bidi", "--target", &t, "--count", "1000"]);
+    let r = client(&["bidi", "--target", &t, "--count", "10000"]);
     assert_eq!(
         (
             r["code"].as_str(),
             r["received"].as_u64(),
             r["in_order"].as_bool()
         ),
-        (Some("OK"), Some(1000), Some(true)),
+        (Some("OK"), Some(10000), Some(true)),
         "{r}"
     );
 
+    if mode == "h2" {
+        // Every call is counted with its backend and gRPC status.
+        let ok: f64 = workers
+            .iter()
+            .map(|w| {
+                proxy.metric(&format!(
+                    "portshare_calls_total{{backend=\"{}\",grpc_status=\"0\"}}",
+                    w.addr()
+                ))
+            })
+            .sum();
+        assert_eq!(ok, 4.0, "four calls, all OK");
+        return;
+    }
     // Byte counters moved in both directions, per backend.
     let sent: f64 = workers
         .iter()
@@ -97,10 +112,9 @@ fn every_kind_of_call_goes_through() {
     );
 }
 
-#[test]
-fn an_8_mib_message_arrives_byte_exact_both_ways() {
+fn an_8_mib_message_arrives_byte_exact_both_ways(mode: &str) {
     let workers = Worker::start_many(&["a"]);
-    let proxy = start_proxy(&workers, &[]);
+    let proxy = start_proxy(mode, &workers, &[]);
     let r = client(&[
         "unary",
         "--target",
@@ -137,10 +151,9 @@ fn an_8_mib_message_arrives_byte_exact_both_ways() {
     );
 }
 
-#[test]
-fn metadata_status_and_details_pass_unchanged() {
+fn metadata_status_and_details_pass_unchanged(mode: &str) {
     let workers = Worker::start_many(&["meta"]);
-    let proxy = start_proxy(&workers, &[]);
+    let proxy = start_proxy(mode, &workers, &[]);
     let t = proxy.target();
 
     let r = client(&[
@@ -176,10 +189,9 @@ fn metadata_status_and_details_pass_unchanged() {
     assert_eq!(r["trailing_metadata"]["x-error-bin"], "0001feff", "{r}");
 }
 
-#[test]
-fn a_deadline_is_exceeded_on_a_slow_worker() {
+fn a_deadline_is_exceeded_on_a_slow_worker(mode: &str) {
     let workers = Worker::start_many(&["slow"]);
-    let proxy = start_proxy(&workers, &[]);
+    let proxy = start_proxy(mode, &workers, &[]);
     let r = client(&[
         "unary",
         "--target",
@@ -199,26 +211,28 @@ fn a_deadline_is_exceeded_on_a_slow_worker() {
     unary_ok(&proxy.target());
 }
 
-#[test]
-fn forty_channels_spread_over_all_four_backends() {
+fn forty_channels_spread_over_all_four_backends(mode: &str) {
     let workers = Worker::start_many(&["w0", "w1", "w2", "w3"]);
-    let proxy = start_proxy(&workers, &[]);
+    let proxy = start_proxy(mode, &workers, &[]);
     let r = client(&["spread", "--target", &proxy.target(), "--channels", "40"]);
     assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
     let counts = spread_counts(&r);
     assert_eq!(counts.len(), 4, "not every worker was reached: {counts:?}");
-    for (worker, n) in &counts {
-        assert!(*n >= 4, "{worker} got only {n} of 40: {counts:?}");
+    // l4's least-conn rotates through ties, so sequential connections spread evenly; h2's
+    // p2c picks at random among equals, so only reaching every worker is certain.
+    if mode == "l4" {
+        for (worker, n) in &counts {
+            assert!(*n >= 4, "{worker} got only {n} of 40: {counts:?}");
+        }
     }
     let accepted = proxy.metric("portshare_connections_accepted_total");
     assert!(accepted >= 40.0, "accepted {accepted}");
 }
 
-#[test]
-fn other_balancers_spread_too() {
+fn other_balancers_spread_too(mode: &str) {
     let workers = Worker::start_many(&["r0", "r1", "r2"]);
     for balance in ["round-robin", "p2c"] {
-        let proxy = start_proxy(&workers, &["--balance", balance]);
+        let proxy = start_proxy(mode, &workers, &["--balance", balance]);
         let r = client(&["spread", "--target", &proxy.target(), "--channels", "30"]);
         assert_eq!(
             r["errors"].as_array().map(Vec::len),
@@ -231,10 +245,10 @@ fn other_balancers_spread_too() {
 
 /// Passive path: a backend that dies between health checks is found out by the first
 /// connection to it, which is retried elsewhere; the backend is ejected.
-#[test]
-fn a_backend_that_dies_is_skipped_without_a_failed_call() {
+fn a_backend_that_dies_is_skipped_without_a_failed_call(mode: &str) {
     let mut workers = Worker::start_many(&["up0", "up1", "up2", "doomed"]);
-    let args = backends_args(&workers);
+    let mut args = backends_args(&workers);
+    args.extend(["--mode".to_owned(), mode.to_owned()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     // Checks so rare that only real traffic can notice the death.
     let proxy = Proxy::start_env(&refs, &[("PORTSHARE_HEALTH__INTERVAL", "1h")]);
@@ -251,7 +265,11 @@ fn a_backend_that_dies_is_skipped_without_a_failed_call() {
     let reached: HashSet<String> = spread_counts(&r).into_keys().collect();
     assert_eq!(reached.len(), 3, "{r}");
 
-    assert!(proxy.metric("portshare_connect_retries_total") >= 1.0);
+    let retries = match mode {
+        "l4" => "portshare_connect_retries_total",
+        _ => "portshare_call_retries_total",
+    };
+    assert!(proxy.metric(retries) >= 1.0, "{retries}");
     let refused =
         format!("portshare_backend_connect_errors_total{{backend=\"{dead}\",reason=\"refused\"}}");
     assert!(proxy.metric(&refused) >= 1.0, "{refused}");
@@ -270,11 +288,10 @@ fn a_backend_that_dies_is_skipped_without_a_failed_call() {
 
 /// Active path: a backend that is down from the start fails its first check and never gets
 /// a connection.
-#[test]
-fn a_backend_that_is_down_from_the_start_gets_no_traffic() {
+fn a_backend_that_is_down_from_the_start_gets_no_traffic(mode: &str) {
     let workers = Worker::start_many(&["live0", "live1"]);
     let dead = format!("127.0.0.1:{}", closed_port());
-    let proxy = start_proxy(&workers, &["--backend", &dead]);
+    let proxy = start_proxy(mode, &workers, &["--backend", &dead]);
     eventually(
         Duration::from_secs(10),
         "the dead backend is marked unhealthy",
@@ -305,10 +322,9 @@ fn a_backend_that_is_down_from_the_start_gets_no_traffic() {
 }
 
 #[cfg(unix)]
-#[test]
-fn sigterm_lets_an_in_flight_call_complete_and_exits_zero() {
+fn sigterm_lets_an_in_flight_call_complete_and_exits_zero(mode: &str) {
     let workers = Worker::start_many(&["drain"]);
-    let mut proxy = start_proxy(&workers, &["--drain-timeout", "20s"]);
+    let mut proxy = start_proxy(mode, &workers, &["--drain-timeout", "20s"]);
     let call = support::client_spawn(&["unary", "--target", &proxy.target(), "--sleep-ms", "2000"]);
     eventually(
         Duration::from_secs(30),
@@ -330,10 +346,9 @@ fn sigterm_lets_an_in_flight_call_complete_and_exits_zero() {
 }
 
 #[cfg(unix)]
-#[test]
-fn the_drain_timeout_closes_what_is_left() {
+fn the_drain_timeout_closes_what_is_left(mode: &str) {
     let workers = Worker::start_many(&["stuck"]);
-    let mut proxy = start_proxy(&workers, &["--drain-timeout", "300ms"]);
+    let mut proxy = start_proxy(mode, &workers, &["--drain-timeout", "300ms"]);
     let call = support::client_spawn(&[
         "unary",
         "--target",
@@ -357,11 +372,10 @@ fn the_drain_timeout_closes_what_is_left() {
     assert_eq!(r["code"], "UNAVAILABLE", "{r}");
 }
 
-#[test]
-fn max_connections_holds_the_excess_in_the_backlog() {
+fn max_connections_holds_the_excess_in_the_backlog(mode: &str) {
     use std::net::TcpStream;
     let workers = Worker::start_many(&["cap"]);
-    let proxy = start_proxy(&workers, &["--max-connections", "2"]);
+    let proxy = start_proxy(mode, &workers, &["--max-connections", "2"]);
     let held: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(proxy.addr).expect("connect"))
         .collect();
@@ -377,4 +391,81 @@ fn max_connections_holds_the_excess_in_the_backlog() {
         || proxy.metric("portshare_connections_active") == 0.0,
     );
     unary_ok(&proxy.target());
+}
+
+/// A Trailers-Only error (the worker fails before sending any header) arrives as it was sent.
+fn a_trailers_only_error_arrives_unchanged(mode: &str) {
+    let workers = Worker::start_many(&["to"]);
+    let proxy = start_proxy(mode, &workers, &[]);
+    let r = client(&[
+        "unary",
+        "--target",
+        &proxy.target(),
+        "--fail-code",
+        "5",
+        "--fail-message",
+        "gone",
+        "--trailers-only",
+    ]);
+    assert_eq!(r["code"], "NOT_FOUND", "{r}");
+    assert_eq!(r["details"], "gone", "{r}");
+    assert_eq!(r["initial_metadata"], serde_json::json!({}), "{r}");
+    assert_eq!(r["trailing_metadata"]["x-error-bin"], "0001feff", "{r}");
+    unary_ok(&proxy.target());
+}
+
+/// A client that cancels: the worker observes the cancellation.
+fn a_client_cancel_reaches_the_worker(mode: &str) {
+    let workers = Worker::start_many(&["cx"]);
+    let proxy = start_proxy(mode, &workers, &[]);
+    let r = client(&[
+        "unary",
+        "--target",
+        &proxy.target(),
+        "--sleep-ms",
+        "20000",
+        "--cancel-after",
+        "0.5",
+    ]);
+    assert_eq!(r["code"], "CANCELLED", "{r}");
+    eventually(
+        Duration::from_secs(10),
+        "the worker sees the cancel",
+        || workers[0].log.contains("CANCELLED Unary"),
+    );
+    unary_ok(&proxy.target());
+}
+
+macro_rules! in_both_modes {
+    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {
+        mod l4 {
+            $( $(#[$attr])* #[test] fn $name() { super::$name("l4") } )*
+        }
+        mod h2 {
+            $( $(#[$attr])* #[test] fn $name() { super::$name("h2") } )*
+        }
+    };
+}
+
+in_both_modes!(
+    every_kind_of_call_goes_through,
+    an_8_mib_message_arrives_byte_exact_both_ways,
+    metadata_status_and_details_pass_unchanged,
+    a_deadline_is_exceeded_on_a_slow_worker,
+    forty_channels_spread_over_all_four_backends,
+    other_balancers_spread_too,
+    a_backend_that_dies_is_skipped_without_a_failed_call,
+    a_backend_that_is_down_from_the_start_gets_no_traffic,
+    #[cfg(unix)]
+    sigterm_lets_an_in_flight_call_complete_and_exits_zero,
+    #[cfg(unix)]
+    the_drain_timeout_closes_what_is_left,
+    a_trailers_only_error_arrives_unchanged,
+    a_client_cancel_reaches_the_worker,
+);
+
+/// The connection limit is a listener feature; its test speaks raw TCP, which is l4's.
+#[test]
+fn max_connections_holds_the_excess_in_the_backlog_l4() {
+    max_connections_holds_the_excess_in_the_backlog("l4");
 }

@@ -1,0 +1,129 @@
+//! Pooled HTTP/2 connections to the backends: one multiplexed connection per backend, opened
+//! on first use with one driver task, and replaced when it closes or stops taking streams
+//! (after a backend's GOAWAY, the old streams finish on the old connection while new calls
+//! get a fresh one). No keep-alive pings: grpcio answers frequent pings with GOAWAY
+//! "too_many_pings", and a dead connection shows itself on the next call anyway.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{Builder, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::backend::Backend;
+
+/// HTTP/2 settings of the backend connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// How long a connect may take.
+    pub connect_timeout: Duration,
+    /// Per-stream flow-control window; large enough that a big message is not throttled
+    /// by window updates on a fast local link.
+    pub stream_window: u32,
+    /// Per-connection window: several large streams at once.
+    pub connection_window: u32,
+    /// Largest header block accepted from a backend.
+    pub max_header_list_size: u32,
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The TCP connect failed.
+    #[error("connect: {0}")]
+    Connect(#[source] io::Error),
+    /// The TCP connect took too long.
+    #[error("connect: no answer within {0:?}")]
+    Timeout(Duration),
+    /// The HTTP/2 handshake failed.
+    #[error("HTTP/2 handshake: {0}")]
+    Handshake(#[source] hyper::Error),
+}
+
+/// One backend's connection slot.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The current connection, if any. The lock is held across a connect, so callers that
+    /// arrive meanwhile wait for that one connection instead of opening their own.
+    conn: Mutex<Option<SendRequest<Incoming>>>,
+}
+
+/// Connections to every backend.
+#[derive(Debug)]
+pub struct Pool {
+    config: PoolConfig,
+    slots: HashMap<SocketAddr, Arc<Slot>>,
+}
+
+impl Pool {
+    /// A pool for these backends (membership is fixed at start).
+    pub fn new(config: PoolConfig, backends: &[Arc<Backend>]) -> Self {
+        let slots = backends
+            .iter()
+            .map(|b| (b.addr(), Arc::new(Slot::default())))
+            .collect();
+        Self { config, slots }
+    }
+
+    /// A connection to `backend` that can take a stream now; `true` with it when it was
+    /// opened just now.
+    pub async fn get(&self, backend: &Backend) -> Result<(SendRequest<Incoming>, bool), PoolError> {
+        let slot = match self.slots.get(&backend.addr()) {
+            Some(s) => Arc::clone(s),
+            None => Arc::new(Slot::default()),
+        };
+        let mut conn = slot.conn.lock().await;
+        if let Some(c) = conn.as_ref()
+            && c.is_ready()
+            && !c.is_closed()
+        {
+            return Ok((c.clone(), false));
+        }
+        let fresh = self.connect(backend).await?;
+        *conn = Some(fresh.clone());
+        Ok((fresh, true))
+    }
+
+    /// Forgets `backend`'s connection (it refused a stream), so the next call opens a new one.
+    pub async fn invalidate(&self, backend: &Backend) {
+        if let Some(slot) = self.slots.get(&backend.addr()) {
+            *slot.conn.lock().await = None;
+        }
+    }
+
+    async fn connect(&self, backend: &Backend) -> Result<SendRequest<Incoming>, PoolError> {
+        let addr = backend.addr();
+        let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| PoolError::Timeout(self.config.connect_timeout))?
+            .map_err(PoolError::Connect)?;
+        stream.set_nodelay(true).map_err(PoolError::Connect)?;
+        let (send, conn) = Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(self.config.stream_window)
+            .initial_connection_window_size(self.config.connection_window)
+            .max_header_list_size(self.config.max_header_list_size)
+            .adaptive_window(false)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(PoolError::Handshake)?;
+        let name = backend.name().to_owned();
+        tokio::spawn(async move {
+            match conn.await {
+                Ok(()) => tracing::debug!(backend = name, "backend connection closed"),
+                Err(e) => tracing::debug!(backend = name, error = %e, "backend connection failed"),
+            }
+        });
+        tracing::debug!(
+            backend = backend.name(),
+            "opened an HTTP/2 connection to the backend"
+        );
+        Ok(send)
+    }
+}

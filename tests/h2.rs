@@ -1,0 +1,190 @@
+//! h2 mode only: what per-call balancing adds over l4, and how it fails well.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::{Proxy, Worker, client, closed_port, eventually, spread_counts, unary_ok};
+
+fn start(workers: &[Worker], extra: &[&str], env: &[(&str, &str)]) -> Proxy {
+    let mut args: Vec<String> = vec!["--mode".into(), "h2".into()];
+    for w in workers {
+        args.extend(["--backend".to_owned(), w.addr()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proxy::start_env(&refs, env)
+}
+
+/// The point of h2 mode: ONE client channel (one TCP connection) reaches every worker,
+/// evenly enough.
+#[test]
+fn one_channel_spreads_its_calls_over_every_worker() {
+    let workers = Worker::start_many(&["a", "b", "c", "d"]);
+    let proxy = start(&workers, &[], &[]);
+    let r = client(&["one-channel", "--target", &proxy.target(), "--calls", "400"]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    let counts = spread_counts(&r);
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    for (w, n) in &counts {
+        assert!(
+            *n <= 150,
+            "{w} took {n} of 400 calls (fair share 100): {counts:?}"
+        );
+    }
+    // One client connection, many backend streams.
+    assert_eq!(proxy.metric("portshare_connections_accepted_total"), 1.0);
+}
+
+/// A worker killed mid-call: that call ends UNAVAILABLE (never an HTTP error), the next
+/// one succeeds.
+#[cfg(unix)]
+#[test]
+fn a_worker_killed_mid_call_fails_only_that_call() {
+    let mut workers = Worker::start_many(&["victim"]);
+    let spare = Worker::start_many(&["spare"]);
+    // Only the victim at first, so the slow call surely lands there.
+    let proxy = start(&workers, &[], &[("PORTSHARE_HEALTH__INTERVAL", "1h")]);
+    let call =
+        support::client_spawn(&["unary", "--target", &proxy.target(), "--sleep-ms", "20000"]);
+    eventually(Duration::from_secs(20), "the call is in flight", || {
+        workers[0].log.contains("CALL Unary")
+    });
+    support::signal(workers[0].pid(), "KILL");
+    let r = support::client_result(call);
+    assert_eq!(r["code"], "UNAVAILABLE", "{r}");
+    assert!(
+        r["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("portshare")),
+        "{r}"
+    );
+    drop(workers.pop());
+    // A proxy in front of the spare serves the next call; and this one stays up.
+    let next = start(&spare, &[], &[]);
+    unary_ok(&next.target());
+    let (status, _) = proxy.admin_get("/healthz");
+    assert_eq!(status, 200);
+}
+
+/// No backend at all: UNAVAILABLE at once, with a message saying so; the proxy stays up.
+#[test]
+fn no_backend_is_unavailable_fast() {
+    let dead = format!("127.0.0.1:{}", closed_port());
+    let proxy = Proxy::start(&["--mode", "h2", "--backend", &dead]);
+    let started = Instant::now();
+    let r = client(&["unary", "--target", &proxy.target(), "--timeout", "10"]);
+    assert_eq!(r["code"], "UNAVAILABLE", "{r}");
+    assert!(
+        r["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("no backend")),
+        "{r}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(proxy.metric("portshare_calls_total{backend=\"none\",grpc_status=\"14\"}") >= 1.0);
+    let r = client(&["unary", "--target", &proxy.target()]);
+    assert_eq!(r["code"], "UNAVAILABLE", "{r}");
+}
+
+/// HTTP/1.1 gets a clear 505 answer; garbage is closed; a normal call follows.
+#[test]
+fn http1_and_garbage_are_rejected_clearly() {
+    let workers = Worker::start_many(&["x"]);
+    let proxy = start(&workers, &[], &[]);
+    let mut s = TcpStream::connect(proxy.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
+        .expect("send");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 505"), "{answer:?}");
+    assert!(answer.contains("HTTP/2"), "{answer:?}");
+
+    let mut g = TcpStream::connect(proxy.addr).expect("connect");
+    g.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    g.write_all(&[0x16, 0x03, 0x01, 0x00, 0xff, 0x42])
+        .expect("send");
+    let mut rest = Vec::new();
+    let _ = g.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "garbage got an answer: {rest:?}");
+    unary_ok(&proxy.target());
+}
+
+/// Over the limit of calls in flight, the excess is shed at once as RESOURCE_EXHAUSTED.
+#[test]
+fn calls_over_the_limit_are_shed_at_once() {
+    let workers = Worker::start_many(&["busy"]);
+    let proxy = start(&workers, &[], &[("PORTSHARE_H2__MAX_CALLS", "1")]);
+    let slow = support::client_spawn(&["unary", "--target", &proxy.target(), "--sleep-ms", "3000"]);
+    eventually(
+        Duration::from_secs(20),
+        "the slow call holds the only slot",
+        || workers[0].log.contains("CALL Unary"),
+    );
+    let started = Instant::now();
+    let r = client(&["unary", "--target", &proxy.target()]);
+    assert_eq!(r["code"], "RESOURCE_EXHAUSTED", "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "not shed at once"
+    );
+    assert!(proxy.metric("portshare_calls_shed_total") >= 1.0);
+    assert_eq!(support::client_result(slow)["code"], "OK");
+    unary_ok(&proxy.target());
+}
+
+/// A rolling restart under one steady client channel: each worker leaves rotation, its
+/// in-flight calls finish, its GOAWAY sends new calls elsewhere; no call fails.
+#[cfg(unix)]
+#[test]
+fn a_rolling_restart_loses_no_call_of_a_steady_channel() {
+    let args: Vec<String> = vec![
+        "--mode".into(),
+        "h2".into(),
+        "--workers".into(),
+        "3".into(),
+        "--worker-port-base".into(),
+        "0".into(),
+        "--".into(),
+        support::python().display().to_string(),
+        support::python_dir()
+            .join("worker.py")
+            .display()
+            .to_string(),
+        "--port".into(),
+        "{port}".into(),
+    ];
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proxy = Proxy::start(&refs);
+    eventually(Duration::from_secs(30), "workers ready", || {
+        proxy.backends().iter().all(|b| b["state"] == "healthy")
+    });
+    let steady = support::client_spawn(&[
+        "steady",
+        "--target",
+        &proxy.target(),
+        "--seconds",
+        "6",
+        "--pause-ms",
+        "2",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    support::signal(proxy.pid(), "HUP");
+    eventually(
+        Duration::from_secs(60),
+        "the rolling restart is done",
+        || proxy.log.contains("rolling restart done"),
+    );
+    let r = support::client_result(steady);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    assert_eq!(spread_counts(&r).len(), 3, "{r}");
+}
