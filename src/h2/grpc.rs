@@ -110,6 +110,20 @@ pub fn reset_reason(e: &hyper::Error) -> Option<h2::Reason> {
     None
 }
 
+/// Whether a failed call certainly never reached the backend's application: the stream was
+/// refused (REFUSED_STREAM) or lay beyond the last stream a GOAWAY let through.
+pub fn never_processed(e: &hyper::Error) -> bool {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// The gRPC status a backend failure amounts to, as gRPC clients map HTTP/2 resets:
 /// REFUSED_STREAM means the backend never processed the call (UNAVAILABLE, safe to retry),
 /// CANCEL means CANCELLED; a lost connection is UNAVAILABLE; anything else INTERNAL.

@@ -8,6 +8,7 @@
 
 pub mod grpc;
 pub mod pool;
+pub mod replay;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,6 +34,7 @@ use crate::balance::Balancer;
 use crate::metrics as m;
 use grpc::Code;
 use pool::{Pool, PoolConfig, PoolError};
+use replay::Replay;
 
 /// The HTTP/2 connection preface every h2 client sends first.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -222,7 +224,12 @@ impl H2Proxy {
             );
         };
         let deadline = grpc::timeout(req.headers()).map(|t| started + t);
-        let mut req = req;
+        let (parts, body) = req.into_parts();
+        let replay = Replay::new(body);
+        // The request as first sent, or as handed back unsent by a connection.
+        let mut unsent = None;
+        // A refused call is sent again at most once.
+        let mut replayed = false;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last = String::from("no backend is ready");
         for attempt in 0..self.config.attempts {
@@ -275,6 +282,14 @@ impl H2Proxy {
                     continue;
                 }
             };
+            let req = unsent.take().unwrap_or_else(|| {
+                let mut r = Request::new(replay.body());
+                *r.method_mut() = parts.method.clone();
+                *r.uri_mut() = parts.uri.clone();
+                *r.version_mut() = parts.version;
+                *r.headers_mut() = parts.headers.clone();
+                r
+            });
             let sent = send.try_send_request(req);
             let result = match deadline {
                 Some(d) => match tokio::time::timeout_at(d, sent).await {
@@ -297,13 +312,26 @@ impl H2Proxy {
                         // backend never saw the call, which is still whole.
                         self.pool.invalidate(&backend).await;
                         last = format!("{}: {}", backend.name(), e.error());
-                        req = back;
+                        unsent = Some(back);
+                        continue;
+                    }
+                    None if !replayed
+                        && grpc::never_processed(e.error())
+                        && replay.can_replay() =>
+                    {
+                        // Refused unprocessed (REFUSED_STREAM, or beyond a GOAWAY's last
+                        // stream), and all it was sent is recorded: once more, elsewhere.
+                        replayed = true;
+                        // REFUSED_STREAM concerns one stream; only a GOAWAY retires the
+                        // connection (which hyper then no longer offers as ready).
+                        tracing::debug!(backend = backend.name(), error = %e.error(), "backend refused the call unprocessed; sending it elsewhere");
+                        last = format!("{}: {}", backend.name(), e.error());
                         continue;
                     }
                     None => {
                         let err = e.into_error();
                         let code = grpc::code_for(&err);
-                        tracing::debug!(backend = backend.name(), error = %err, "backend failed the call");
+                        tracing::debug!(backend = backend.name(), error = %err, detail = ?err, "backend failed the call");
                         return self.finish_early_on(
                             backend.name(),
                             started,

@@ -10,12 +10,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::http2::{Builder, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+use super::replay::ReplayBody;
 use crate::backend::Backend;
 
 /// HTTP/2 settings of the backend connections.
@@ -51,7 +51,7 @@ pub enum PoolError {
 struct Slot {
     /// The current connection, if any. The lock is held across a connect, so callers that
     /// arrive meanwhile wait for that one connection instead of opening their own.
-    conn: Mutex<Option<SendRequest<Incoming>>>,
+    conn: Mutex<Option<SendRequest<ReplayBody>>>,
 }
 
 /// Connections to every backend.
@@ -73,7 +73,10 @@ impl Pool {
 
     /// A connection to `backend` that can take a stream now; `true` with it when it was
     /// opened just now.
-    pub async fn get(&self, backend: &Backend) -> Result<(SendRequest<Incoming>, bool), PoolError> {
+    pub async fn get(
+        &self,
+        backend: &Backend,
+    ) -> Result<(SendRequest<ReplayBody>, bool), PoolError> {
         let slot = match self.slots.get(&backend.addr()) {
             Some(s) => Arc::clone(s),
             None => Arc::new(Slot::default()),
@@ -97,7 +100,7 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, backend: &Backend) -> Result<SendRequest<Incoming>, PoolError> {
+    async fn connect(&self, backend: &Backend) -> Result<SendRequest<ReplayBody>, PoolError> {
         let addr = backend.addr();
         let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
             .await
