@@ -88,6 +88,15 @@ pub struct Opts {
     /// `{index}` its number.
     #[arg(last = true, global = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+    /// Terminate TLS with this PEM certificate chain (with --tls-key).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// Require client certificates signed by these PEM CA certificates (mTLS).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_client_ca: Option<String>,
     /// Log lines as human-readable text or JSON objects [default: text].
     #[arg(long, global = true, value_name = "text|json")]
     pub log_format: Option<String>,

@@ -19,9 +19,22 @@ use crate::health::{CheckKind, HealthConfig};
 use crate::l4::L4Config;
 use crate::listener::ListenerConfig;
 use crate::supervisor::{WorkerOutput, WorkersConfig};
+use crate::tls::TlsConfig;
+use std::path::PathBuf;
 
 /// Environment variables with the `PORTSHARE_` prefix that are not config keys.
 const NOT_CONFIG_KEYS: [&str; 3] = ["PORTSHARE_LOG", "PORTSHARE_PORT", "PORTSHARE_WORKER_INDEX"];
+
+/// Whether an environment variable is meant as a config key. Kubernetes gives every pod
+/// `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT_50051_TCP`, ... for each Service, so a Service
+/// named `portshare` puts `PORTSHARE_SERVICE_*` and `PORTSHARE_PORT_*` in the environment:
+/// those are not ours and must not make portshare refuse to start.
+fn is_config_var(name: &str) -> bool {
+    name.starts_with("PORTSHARE_")
+        && !NOT_CONFIG_KEYS.contains(&name)
+        && !name.starts_with("PORTSHARE_SERVICE_")
+        && !name.starts_with("PORTSHARE_PORT_")
+}
 
 /// A port range longer than this is almost certainly a typo (`5000-50000`), and would
 /// open tens of thousands of backends.
@@ -114,6 +127,58 @@ pub struct RawConfig {
     pub workers: Option<RawWorkers>,
     /// h2-mode limits and windows.
     pub h2: Option<RawH2>,
+    /// TLS termination.
+    pub tls: Option<RawTls>,
+}
+
+/// `[tls]` as written.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain.
+    pub cert: Option<String>,
+    /// PEM private key.
+    pub key: Option<String>,
+    /// PEM CA certificates for client authentication.
+    pub client_ca: Option<String>,
+    /// Handshake limit.
+    pub handshake_timeout: Option<String>,
+    /// How often the files are checked for changes.
+    pub watch_interval: Option<String>,
+}
+
+impl RawTls {
+    fn validate(&self) -> Result<Option<TlsConfig>, ConfigError> {
+        let present =
+            |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(PathBuf::from);
+        let (cert, key) = match (present(&self.cert), present(&self.key)) {
+            (None, None) => {
+                if self.client_ca.is_some() {
+                    return Err(err(
+                        "tls.client_ca",
+                        "client certificates need TLS: give tls.cert and tls.key too",
+                    ));
+                }
+                return Ok(None);
+            }
+            (Some(_), None) => return Err(err("tls.key", "tls.cert is given, but not its key")),
+            (None, Some(_)) => {
+                return Err(err("tls.cert", "tls.key is given, but not the certificate"));
+            }
+            (Some(c), Some(k)) => (c, k),
+        };
+        Ok(Some(TlsConfig {
+            cert,
+            key,
+            client_ca: present(&self.client_ca),
+            handshake_timeout: positive(
+                "tls.handshake_timeout",
+                self.handshake_timeout.as_deref(),
+                "10s",
+            )?,
+            watch_interval: positive("tls.watch_interval", self.watch_interval.as_deref(), "5s")?,
+        }))
+    }
 }
 
 /// `[h2]` as written.
@@ -207,6 +272,8 @@ pub struct Config {
     pub l4: L4Config,
     /// Limits and windows of h2 mode.
     pub h2: H2Config,
+    /// TLS termination, if on.
+    pub tls: Option<TlsConfig>,
     /// Passive ejection settings.
     pub ejection: EjectionConfig,
     /// Active health checks.
@@ -249,7 +316,7 @@ pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, Conf
     }
     let env_vars: config::Map<String, String> = env
         .iter()
-        .filter(|(k, _)| k.starts_with("PORTSHARE_") && !NOT_CONFIG_KEYS.contains(&k.as_str()))
+        .filter(|(k, _)| is_config_var(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     builder = builder.add_source(
@@ -273,6 +340,9 @@ pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, Conf
         ("idle_timeout", &opts.idle_timeout),
         ("log_format", &opts.log_format),
         ("health.check", &opts.health),
+        ("tls.cert", &opts.tls_cert),
+        ("tls.key", &opts.tls_key),
+        ("tls.client_ca", &opts.tls_client_ca),
         ("health.service", &opts.health_service),
     ];
     for (key, value) in strings {
@@ -478,7 +548,9 @@ impl RawConfig {
             .clone()
             .unwrap_or_default()
             .validate(connect_timeout, connect_attempts)?;
+        let tls = self.tls.clone().unwrap_or_default().validate()?;
         Ok(Config {
+            tls,
             h2,
             listener: ListenerConfig {
                 addr: listen,
@@ -775,6 +847,13 @@ impl Config {
                 healthy_threshold: Some(u64::from(self.health.healthy_threshold)),
                 unhealthy_threshold: Some(u64::from(self.health.unhealthy_threshold)),
             }),
+            tls: self.tls.as_ref().map(|t| RawTls {
+                cert: Some(t.cert.display().to_string()),
+                key: Some(t.key.display().to_string()),
+                client_ca: t.client_ca.as_ref().map(|p| p.display().to_string()),
+                handshake_timeout: Some(human(t.handshake_timeout)),
+                watch_interval: Some(human(t.watch_interval)),
+            }),
             h2: Some(RawH2 {
                 max_concurrent_streams: Some(u64::from(self.h2.max_concurrent_streams)),
                 max_header_list_size: Some(u64::from(self.h2.max_header_list_size)),
@@ -982,6 +1061,10 @@ mod tests {
             ("PORTSHARE_BACKENDS", "127.0.0.1:7,127.0.0.1:8"),
             ("PORTSHARE_LOG", "debug"),
             ("PORTSHARE_PORT", "1"),
+            // What Kubernetes injects for a Service named portshare.
+            ("PORTSHARE_SERVICE_HOST", "10.0.0.7"),
+            ("PORTSHARE_SERVICE_PORT_GRPC", "9000"),
+            ("PORTSHARE_PORT_9000_TCP_ADDR", "10.0.0.7"),
         ]);
         let c = load(&o, &e).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.listener.addr.to_string(), "127.0.0.1:3000");

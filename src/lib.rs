@@ -7,6 +7,7 @@
 //! - [`config`]: defaults < TOML file < `PORTSHARE_*` env < flags, validated into [`config::Config`].
 //! - [`shutdown`]: signals, the stop token and task tracker, the bounded drain.
 //! - [`listener`]: bind, permit before accept, accept backoff, one task per connection.
+//! - [`tls`]: rustls termination (ALPN h2, client certificates), reload on SIGHUP and file change.
 //! - [`balance`]: round-robin, least-conn and p2c over a list of candidates.
 //! - [`backend`]: the shared backend set: addresses, load, passive ejection.
 //! - [`l4`]: pick → connect (timeout, retry elsewhere) → copy both ways.
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod shutdown;
 pub mod status;
 pub mod supervisor;
+pub mod tls;
 
 use std::future::Future;
 use std::io;
@@ -68,6 +70,9 @@ pub enum Error {
     /// The signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] io::Error),
+    /// A TLS file cannot be used (a configuration error: exit 64).
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Workers could not be set up.
     #[error(transparent)]
     Workers(#[from] supervisor::SupervisorError),
@@ -149,6 +154,12 @@ pub async fn run(
         tx: reload_tx,
         rx: mut reloads,
     } = reloads;
+    let tls = config
+        .tls
+        .clone()
+        .map(tls::Tls::new)
+        .transpose()?
+        .map(Arc::new);
     let specs = match &config.workers {
         None => config.backends.clone(),
         Some(w) => supervisor::plan_ports(w)?
@@ -172,6 +183,9 @@ pub async fn run(
         .transpose()?;
     let checks_stop = CancellationToken::new();
     health::spawn_checkers(&backends, &config.health, &checks_stop);
+    if let Some(t) = &tls {
+        tokio::spawn(Arc::clone(t).watch(checks_stop.clone()));
+    }
     log_bound("proxy", &listeners.proxy);
     let admin_stop = CancellationToken::new();
     let admin = listeners.admin.map(|l| {
@@ -195,6 +209,7 @@ pub async fn run(
     let mut crash = None;
     let balancer = Balancer::new(config.balance);
     let abort = shutdown.abort_token().clone();
+    let conn_tls = tls.clone();
     let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match config.mode {
         Mode::L4 => {
             let proxy = Arc::new(L4Proxy::new(
@@ -210,7 +225,17 @@ pub async fn run(
                 move |stream, _peer| {
                     let proxy = Arc::clone(&proxy);
                     let abort = abort.clone();
-                    async move { proxy.handle(stream, &abort).await }
+                    let tls = conn_tls.clone();
+                    async move {
+                        match tls {
+                            None => proxy.handle(stream, &abort).await,
+                            Some(tls) => {
+                                if let Some(stream) = tls.accept(stream).await {
+                                    proxy.handle(stream, &abort).await;
+                                }
+                            }
+                        }
+                    }
                 },
             ))
         }
@@ -226,7 +251,13 @@ pub async fn run(
                 &config.listener,
                 &shutdown,
                 move |stream, peer| {
-                    Arc::clone(&proxy).serve_connection(stream, peer, stop.clone(), abort.clone())
+                    Arc::clone(&proxy).serve_connection(
+                        stream,
+                        peer,
+                        conn_tls.clone(),
+                        stop.clone(),
+                        abort.clone(),
+                    )
                 },
             ))
         }
@@ -244,14 +275,18 @@ pub async fn run(
                 crash = Some(c);
                 shutdown.begin();
             }
-            Some(()) = reloads.recv() => match &workers {
+            Some(()) = reloads.recv() => {
+                if let Some(t) = &tls {
+                    t.reload_and_log("reload requested");
+                }
+                match &workers {
                 Some(w) => {
                     if !w.rolling_restart() {
                         tracing::warn!("reload: a rolling restart is already under way");
                     }
                 }
                 None => tracing::info!("reload: no spawned workers to restart"),
-            },
+            }},
         }
     }
     let open = shutdown.tracker().len();

@@ -54,6 +54,13 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Check) = cli.command {
+        // The TLS files are part of the configuration: check they load, too.
+        if let Some(tls) = &config.tls
+            && let Err(e) = portshare::tls::Tls::new(tls.clone())
+        {
+            eprintln!("portshare: invalid configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
@@ -73,6 +80,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ Error::Tls(_)) => {
+            eprintln!("portshare: invalid configuration: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
         Err(e @ Error::CrashLoop(_)) => {
             eprintln!("portshare: {e}");
             ExitCode::from(EXIT_CRASH_LOOP)

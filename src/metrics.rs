@@ -45,6 +45,8 @@ pub const CALLS_IN_FLIGHT: &str = "portshare_calls_in_flight";
 pub const CALL_RETRIES: &str = "portshare_call_retries_total";
 /// h2 mode: calls refused at once because too many were in flight.
 pub const CALLS_SHED: &str = "portshare_calls_shed_total";
+/// TLS handshakes that failed, by `reason`.
+pub const TLS_HANDSHAKE_ERRORS: &str = "portshare_tls_handshake_errors_total";
 /// Bytes copied from clients to each backend.
 pub const BACKEND_SENT_BYTES: &str = "portshare_backend_sent_bytes_total";
 /// Bytes copied from each backend to its clients.
@@ -75,6 +77,10 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 }
 
 fn describe() {
+    describe_counter!(
+        TLS_HANDSHAKE_ERRORS,
+        "TLS handshakes that failed, by reason."
+    );
     describe_counter!(
         CALLS,
         "Calls finished (h2 mode), by backend and grpc_status."

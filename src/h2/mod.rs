@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{ActiveGuard, BackendSet, ConnectFailure};
 use crate::balance::Balancer;
 use crate::metrics as m;
+use crate::tls::Tls;
 use grpc::Code;
 use pool::{Pool, PoolConfig, PoolError};
 use replay::Replay;
@@ -158,9 +159,17 @@ impl H2Proxy {
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
+        tls: Option<Arc<Tls>>,
         stop: CancellationToken,
         abort: CancellationToken,
     ) {
+        if let Some(tls) = tls {
+            // ALPN offers only h2, so a TLS client that got this far speaks HTTP/2.
+            if let Some(stream) = tls.accept(stream).await {
+                self.serve_http2(stream, peer, stop, abort).await;
+            }
+            return;
+        }
         match sniff(&stream).await {
             Opening::Http2 => {}
             Opening::Http1 => {
@@ -179,6 +188,19 @@ impl H2Proxy {
                 return;
             }
         }
+        self.serve_http2(stream, peer, stop, abort).await;
+    }
+
+    /// Serves HTTP/2 on an established connection (plain or TLS).
+    async fn serve_http2<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        stop: CancellationToken,
+        abort: CancellationToken,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let proxy = Arc::clone(&self);
         let service = service_fn(move |req| {
             let proxy = Arc::clone(&proxy);

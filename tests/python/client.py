@@ -40,8 +40,23 @@ def pattern(n):
     return (_PATTERN_UNIT * (n // 251 + 1))[:n]
 
 
+# Set from --ca/--cert/--key/--server-name: TLS (and client certificates) for every channel.
+TLS = None
+
+
 def channel(target):
-    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    if TLS is None:
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    credentials, server_name = TLS
+    options = CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", server_name)]
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def read(path):
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def metadata_dict(metadata):
@@ -217,6 +232,10 @@ def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", required=True, help="HOST:PORT")
     common.add_argument("--timeout", type=float, default=10.0, help="per-call deadline in seconds")
+    common.add_argument("--ca", help="TLS: PEM CA certificate(s) to trust (enables TLS)")
+    common.add_argument("--cert", help="TLS: PEM client certificate chain")
+    common.add_argument("--key", help="TLS: PEM client private key")
+    common.add_argument("--server-name", default="localhost", help="TLS: name to verify")
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,7 +283,13 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    global TLS
     args = parse_args(argv)
+    if args.ca:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(args.ca), private_key=read(args.key),
+            certificate_chain=read(args.cert))
+        TLS = (credentials, args.server_name)
     with channel(args.target) as ch:
         result = args.run(args, services.EchoStub(ch))
     print(json.dumps(result), flush=True)
