@@ -147,22 +147,8 @@ fn calls_over_the_limit_are_shed_at_once() {
 #[cfg(unix)]
 #[test]
 fn a_rolling_restart_loses_no_call_of_a_steady_channel() {
-    let args: Vec<String> = vec![
-        "--mode".into(),
-        "h2".into(),
-        "--workers".into(),
-        "3".into(),
-        "--worker-port-base".into(),
-        "0".into(),
-        "--".into(),
-        support::python().display().to_string(),
-        support::python_dir()
-            .join("worker.py")
-            .display()
-            .to_string(),
-        "--port".into(),
-        "{port}".into(),
-    ];
+    let mut args: Vec<String> = vec!["--mode".into(), "h2".into()];
+    args.extend(support::spawn_args(3, &[]));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let proxy = Proxy::start(&refs);
     eventually(Duration::from_secs(30), "workers ready", || {

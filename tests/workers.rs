@@ -10,26 +10,9 @@ use std::time::Duration;
 use serde_json::Value;
 use support::{Proxy, client, eventually, python, python_dir, spread_counts};
 
-/// `--workers N --worker-port-base 0 -- python worker.py --port {port} EXTRA...`
-fn worker_args(n: usize, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = vec![
-        "--workers".into(),
-        n.to_string(),
-        "--worker-port-base".into(),
-        "0".into(),
-        "--".into(),
-        python().display().to_string(),
-        python_dir().join("worker.py").display().to_string(),
-        "--port".into(),
-        "{port}".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
 fn start(n: usize, extra_worker_args: &[&str], env: &[(&str, &str)], flags: &[&str]) -> Proxy {
     let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-    args.extend(worker_args(n, extra_worker_args));
+    args.extend(support::spawn_args(n, extra_worker_args));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     Proxy::start_env(&refs, env)
 }

@@ -440,75 +440,61 @@ impl Watcher {
             }
             first = false;
             let started = Instant::now();
-            let mut child = match self.spawn() {
-                Ok(child) => child,
+            let last_exit = match self.spawn() {
                 Err(e) => {
                     tracing::error!(worker = %self.index, command = ?self.config.command, error = %e, "cannot start worker");
-                    let how = format!("failed to start: {e}");
-                    if self
-                        .after_exit(
-                            &mut history,
-                            &mut backoff,
-                            started,
-                            how,
-                            &mut restarts_asked,
-                        )
-                        .await
-                        .is_err()
-                    {
-                        return;
+                    format!("failed to start: {e}")
+                }
+                Ok(mut child) => {
+                    let pid = child.id();
+                    self.backend.worker_started(pid, started);
+                    up.set(1.0);
+                    tracing::info!(worker = %self.index, pid, port = self.port, "worker started");
+                    let ended = tokio::select! {
+                        s = child.wait() => Ended::Exited(s),
+                        () = self.stop.cancelled() => Ended::Stop,
+                        Some(done) = restarts_asked.recv() => Ended::Restart(done),
+                    };
+                    // Out of rotation before anything else, so no new connection goes there.
+                    self.backend.worker_stopped(Instant::now());
+                    if !matches!(ended, Ended::Exited(_)) {
+                        if matches!(ended, Ended::Restart(_)) {
+                            tracing::info!(worker = %self.index, pid, "rolling restart: stopping worker");
+                        }
+                        self.stop_child(&mut child).await;
                     }
-                    continue;
+                    self.guard.forget(pid);
+                    up.set(0.0);
+                    match ended {
+                        Ended::Stop => return,
+                        Ended::Restart(done) => {
+                            let _ = done.send(());
+                            // A planned restart: start again at once, without counting an exit.
+                            continue;
+                        }
+                        Ended::Exited(status) => {
+                            if self.stop.is_cancelled() {
+                                return;
+                            }
+                            let how = describe(&status);
+                            tracing::warn!(worker = %self.index, exit = %how, ran_for = ?started.elapsed(), "worker exited");
+                            how
+                        }
+                    }
                 }
             };
-            let pid = child.id();
-            self.backend.worker_started(pid, started);
-            up.set(1.0);
-            tracing::info!(worker = %self.index, pid, port = self.port, "worker started");
-            let ended = tokio::select! {
-                s = child.wait() => Ended::Exited(s),
-                () = self.stop.cancelled() => Ended::Stop,
-                Some(done) = restarts_asked.recv() => Ended::Restart(done),
-            };
-            // Out of rotation before anything else, so no new connection goes there.
-            self.backend.worker_stopped(Instant::now());
-            match ended {
-                Ended::Stop => {
-                    self.stop_child(&mut child).await;
-                    self.guard.forget(pid);
-                    up.set(0.0);
-                    return;
-                }
-                Ended::Restart(done) => {
-                    tracing::info!(worker = %self.index, pid, "rolling restart: stopping worker");
-                    self.stop_child(&mut child).await;
-                    self.guard.forget(pid);
-                    up.set(0.0);
-                    let _ = done.send(());
-                    // A planned restart: start again at once, without counting an exit.
-                }
-                Ended::Exited(status) => {
-                    self.guard.forget(pid);
-                    up.set(0.0);
-                    if self.stop.is_cancelled() {
-                        return;
-                    }
-                    let how = describe(&status);
-                    tracing::warn!(worker = %self.index, exit = %how, ran_for = ?started.elapsed(), "worker exited");
-                    if self
-                        .after_exit(
-                            &mut history,
-                            &mut backoff,
-                            started,
-                            how,
-                            &mut restarts_asked,
-                        )
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+            if self
+                .after_exit(
+                    &mut history,
+                    &mut backoff,
+                    started,
+                    last_exit,
+                    &mut restarts_asked,
+                )
+                .await
+                .is_err()
+            {
+                return;
             }
         }
     }

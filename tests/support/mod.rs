@@ -228,6 +228,24 @@ impl Drop for Worker {
     }
 }
 
+/// `--workers N --worker-port-base 0 -- python worker.py --port {port} EXTRA...`: portshare
+/// spawning the test workers itself.
+pub fn spawn_args(n: usize, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--workers".into(),
+        n.to_string(),
+        "--worker-port-base".into(),
+        "0".into(),
+        "--".into(),
+        python().display().to_string(),
+        python_dir().join("worker.py").display().to_string(),
+        "--port".into(),
+        "{port}".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// A port nothing listens on: bound, then released.
 pub fn closed_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
