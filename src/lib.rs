@@ -113,47 +113,56 @@ fn log_bound(role: &'static str, l: &TcpListener) {
     }
 }
 
-/// Requests for a rolling restart of the spawned workers: SIGHUP, or `POST /workers/restart`
-/// on the admin endpoint (the way on Windows, which has no SIGHUP).
-#[derive(Debug)]
-pub struct Reloads {
-    tx: mpsc::Sender<()>,
-    rx: mpsc::Receiver<()>,
+/// Requests from outside to the running proxy, from signals and the admin endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Reload the TLS files and restart spawned workers one at a time: SIGHUP, or
+    /// `POST /workers/restart` (the way on Windows, which has no SIGHUP).
+    Reload,
+    /// Pass a signal on to every spawned worker (SIGUSR1/SIGUSR2), as an init would.
+    Forward(supervisor::Forwarded),
 }
 
-impl Default for Reloads {
+/// The channel that carries [`Control`] requests into [`run`].
+#[derive(Debug)]
+pub struct Controls {
+    tx: mpsc::Sender<Control>,
+    rx: mpsc::Receiver<Control>,
+}
+
+impl Default for Controls {
     fn default() -> Self {
-        // One pending request is enough: more while it waits would add nothing.
-        let (tx, rx) = mpsc::channel(1);
+        // A few pending requests at most: a reload that waits behind another adds nothing.
+        let (tx, rx) = mpsc::channel(8);
         Self { tx, rx }
     }
 }
 
-impl Reloads {
+impl Controls {
     /// A fresh channel.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Where requests are sent from (the signal watcher).
-    pub fn sender(&self) -> mpsc::Sender<()> {
+    pub fn sender(&self) -> mpsc::Sender<Control> {
         self.tx.clone()
     }
 }
 
 /// Serves until `shutdown` begins, then drains for up to the configured drain timeout.
-/// Each request on `reloads` restarts spawned workers one at a time.
+/// Requests on `controls` reload TLS, restart spawned workers, or pass signals to them.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
     prometheus: Option<PrometheusHandle>,
-    reloads: Reloads,
+    controls: Controls,
 ) -> Result<(), Error> {
-    let Reloads {
-        tx: reload_tx,
-        rx: mut reloads,
-    } = reloads;
+    let Controls {
+        tx: control_tx,
+        rx: mut controls,
+    } = controls;
     let tls = config
         .tls
         .clone()
@@ -194,7 +203,7 @@ pub async fn run(
             backends: Arc::clone(&backends),
             prometheus,
             draining: shutdown.stop_token().clone(),
-            restart: workers.is_some().then(|| reload_tx.clone()),
+            restart: workers.is_some().then(|| control_tx.clone()),
         };
         tokio::spawn(admin::serve(l, state, admin_stop.clone()))
     });
@@ -275,18 +284,25 @@ pub async fn run(
                 crash = Some(c);
                 shutdown.begin();
             }
-            Some(()) = reloads.recv() => {
-                if let Some(t) = &tls {
-                    t.reload_and_log("reload requested");
-                }
-                match &workers {
-                Some(w) => {
-                    if !w.rolling_restart() {
-                        tracing::warn!("reload: a rolling restart is already under way");
+            Some(control) = controls.recv() => match control {
+                Control::Reload => {
+                    if let Some(t) = &tls {
+                        t.reload_and_log("reload requested");
+                    }
+                    match &workers {
+                        Some(w) => {
+                            if !w.rolling_restart() {
+                                tracing::warn!("reload: a rolling restart is already under way");
+                            }
+                        }
+                        None => tracing::info!("reload: no spawned workers to restart"),
                     }
                 }
-                None => tracing::info!("reload: no spawned workers to restart"),
-            }},
+                Control::Forward(signal) => match &workers {
+                    Some(w) => w.forward(signal),
+                    None => tracing::info!(?signal, "no spawned workers to pass the signal to"),
+                },
+            },
         }
     }
     let open = shutdown.tracker().len();

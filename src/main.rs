@@ -133,9 +133,9 @@ async fn serve(config: Config) -> Result<(), Error> {
     let signals = Signals::new().map_err(Error::Signals)?;
     let shutdown = Shutdown::new();
     let listeners = Listeners::bind(&config)?;
-    let reloads = portshare::Reloads::new();
-    tokio::spawn(signals.watch(shutdown.clone(), reloads.sender()));
-    portshare::run(config, listeners, shutdown, Some(prometheus), reloads).await
+    let controls = portshare::Controls::new();
+    tokio::spawn(signals.watch(shutdown.clone(), controls.sender()));
+    portshare::run(config, listeners, shutdown, Some(prometheus), controls).await
 }
 
 /// Logs go to stderr: text for people (coloured only on a terminal) or JSON for collectors;

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::Control;
+#[cfg(unix)]
+use crate::supervisor::Forwarded;
 use tokio_util::task::TaskTracker;
 
 /// After the drain timeout, connections still open are told to close; this is how long
@@ -91,6 +95,10 @@ pub struct Signals {
     int: tokio::signal::unix::Signal,
     #[cfg(unix)]
     hup: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    usr1: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    usr2: tokio::signal::unix::Signal,
     #[cfg(windows)]
     ctrl_c: tokio::signal::windows::CtrlC,
     #[cfg(windows)]
@@ -106,6 +114,8 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -118,26 +128,29 @@ impl Signals {
         })
     }
 
-    /// Waits for the next stop signal and returns its name; passes SIGHUPs on to `reloads`
-    /// meanwhile.
+    /// Waits for the next stop signal and returns its name; meanwhile passes SIGHUP (a
+    /// reload) and SIGUSR1/SIGUSR2 (for the workers) on to `controls`.
     #[cfg(unix)]
-    async fn recv(&mut self, reloads: &mpsc::Sender<()>) -> &'static str {
+    async fn recv(&mut self, controls: &mpsc::Sender<Control>) -> &'static str {
         loop {
-            tokio::select! {
+            let control = tokio::select! {
                 _ = self.term.recv() => return "SIGTERM",
                 _ = self.int.recv() => return "SIGINT",
                 _ = self.hup.recv() => {
                     tracing::info!(signal = "SIGHUP", "reload requested");
-                    // One pending reload is enough: more while it waits add nothing.
-                    let _ = reloads.try_send(());
+                    Control::Reload
                 }
-            }
+                _ = self.usr1.recv() => Control::Forward(Forwarded::Usr1),
+                _ = self.usr2.recv() => Control::Forward(Forwarded::Usr2),
+            };
+            // A full queue already holds requests of this kind: this one adds nothing.
+            let _ = controls.try_send(control);
         }
     }
 
     /// Waits for the next stop signal and returns its name (Windows has no SIGHUP).
     #[cfg(windows)]
-    async fn recv(&mut self, _reloads: &mpsc::Sender<()>) -> &'static str {
+    async fn recv(&mut self, _controls: &mpsc::Sender<Control>) -> &'static str {
         tokio::select! {
             _ = self.ctrl_c.recv() => "Ctrl-C",
             _ = self.ctrl_break.recv() => "Ctrl-Break",
@@ -146,15 +159,15 @@ impl Signals {
 
     /// The first signal begins a graceful shutdown; a second one closes everything now,
     /// as people who press Ctrl-C twice expect.
-    /// SIGHUP (Unix) sends a message on `reloads`.
-    pub async fn watch(mut self, shutdown: Shutdown, reloads: mpsc::Sender<()>) {
-        let first = self.recv(&reloads).await;
+    /// SIGHUP, SIGUSR1 and SIGUSR2 (Unix) become messages on `controls`.
+    pub async fn watch(mut self, shutdown: Shutdown, controls: mpsc::Sender<Control>) {
+        let first = self.recv(&controls).await;
         tracing::info!(
             signal = first,
             "shutting down: no new connections, open ones may finish"
         );
         shutdown.begin();
-        let second = self.recv(&reloads).await;
+        let second = self.recv(&controls).await;
         tracing::warn!(
             signal = second,
             "second signal: closing open connections now"

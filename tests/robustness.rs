@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use support::{Proxy, Worker, eventually, unary_ok};
 
-fn start(workers: &[Worker], extra: &[&str]) -> Proxy {
-    let mut args: Vec<String> = workers
-        .iter()
-        .flat_map(|w| ["--backend".to_owned(), w.addr()])
-        .collect();
+fn start(mode: &str, workers: &[Worker], extra: &[&str]) -> Proxy {
+    let mut args: Vec<String> = vec!["--mode".into(), mode.into()];
+    args.extend(
+        workers
+            .iter()
+            .flat_map(|w| ["--backend".to_owned(), w.addr()]),
+    );
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     Proxy::start(&refs)
@@ -29,10 +31,9 @@ fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
     got
 }
 
-#[test]
-fn garbage_bytes_then_a_normal_call() {
+fn garbage_bytes_then_a_normal_call(mode: &str) {
     let workers = Worker::start_many(&["g"]);
-    let mut proxy = start(&workers, &[]);
+    let mut proxy = start(mode, &workers, &[]);
     let mut s = TcpStream::connect(proxy.addr).expect("connect");
     let garbage: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -43,10 +44,9 @@ fn garbage_bytes_then_a_normal_call() {
     assert!(proxy.is_running());
 }
 
-#[test]
-fn an_http1_request_then_a_normal_call() {
+fn an_http1_request_then_a_normal_call(mode: &str) {
     let workers = Worker::start_many(&["h"]);
-    let mut proxy = start(&workers, &[]);
+    let mut proxy = start(mode, &workers, &[]);
     let mut s = TcpStream::connect(proxy.addr).expect("connect");
     s.write_all(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
         .expect("send");
@@ -55,10 +55,9 @@ fn an_http1_request_then_a_normal_call() {
     assert!(proxy.is_running());
 }
 
-#[test]
-fn a_silent_client_does_not_hold_up_others() {
+fn a_silent_client_does_not_hold_up_others(mode: &str) {
     let workers = Worker::start_many(&["s"]);
-    let mut proxy = start(&workers, &[]);
+    let mut proxy = start(mode, &workers, &[]);
     let silent: Vec<TcpStream> = (0..5)
         .map(|_| TcpStream::connect(proxy.addr).expect("connect"))
         .collect();
@@ -68,10 +67,9 @@ fn a_silent_client_does_not_hold_up_others() {
     assert!(proxy.is_running());
 }
 
-#[test]
-fn five_hundred_connections_opened_and_dropped_at_once() {
+fn five_hundred_connections_opened_and_dropped_at_once(mode: &str) {
     let workers = Worker::start_many(&["f0", "f1"]);
-    let mut proxy = start(&workers, &[]);
+    let mut proxy = start(mode, &workers, &[]);
     let conns: Vec<TcpStream> = (0..500)
         .filter_map(|_| TcpStream::connect(proxy.addr).ok())
         .collect();
@@ -196,3 +194,17 @@ fn running_out_of_file_descriptors_is_survived() {
     }
     assert!(proxy.is_running());
 }
+
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod l4 { $( #[test] fn $name() { super::$name("l4") } )* }
+        mod h2 { $( #[test] fn $name() { super::$name("h2") } )* }
+    };
+}
+
+in_both_modes!(
+    garbage_bytes_then_a_normal_call,
+    an_http1_request_then_a_normal_call,
+    a_silent_client_does_not_hold_up_others,
+    five_hundred_connections_opened_and_dropped_at_once,
+);

@@ -365,3 +365,41 @@ fn every_private_key_format_loads() {
         drop(proxy);
     }
 }
+
+/// A client that connects and never finishes its handshake (slowloris) is cut off at the
+/// handshake timeout, and others are served meanwhile.
+#[test]
+fn a_stalled_handshake_is_cut_off() {
+    use std::io::Read;
+    let worker = Worker::start_many(&["slow"]);
+    let pki = Pki::new();
+    let ca1 = ca("CA");
+    let (cert, key) = leaf(&ca1, "portshare");
+    let (ca_pem, cert, key) = (
+        pki.write("ca.pem", &ca1.pem),
+        pki.write("cert.pem", &cert),
+        pki.write("key.pem", &key),
+    );
+    let proxy = start(
+        "l4",
+        &worker[0],
+        &["--tls-cert", &s(&cert), "--tls-key", &s(&key)],
+        &[("PORTSHARE_TLS__HANDSHAKE_TIMEOUT", "300ms")],
+    );
+    let mut stalled = std::net::TcpStream::connect(proxy.addr).expect("connect");
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(call(&proxy, &["--ca", &s(&ca_pem)])["code"], "OK");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not cut off: {:?}",
+        started.elapsed()
+    );
+    eventually(Duration::from_secs(5), "the timeout is counted", || {
+        proxy.metric("portshare_tls_handshake_errors_total{reason=\"timeout\"}") >= 1.0
+    });
+}

@@ -580,3 +580,31 @@ fn the_admin_endpoint_restarts_workers_where_there_is_no_sighup() {
     assert_eq!(code, Some(1));
     assert!(err.contains("no spawned workers"), "{err}");
 }
+
+/// SIGUSR1 and SIGUSR2 sent to portshare reach every worker, as an init such as tini passes
+/// signals on (the test worker turns NOT_SERVING / SERVING on them).
+#[cfg(unix)]
+#[test]
+fn user_signals_are_passed_on_to_the_workers() {
+    let proxy = start(
+        2,
+        &[],
+        &[
+            ("PORTSHARE_HEALTH__INTERVAL", "200ms"),
+            ("PORTSHARE_HEALTH__UNHEALTHY_INTERVAL", "200ms"),
+        ],
+        &["--health", "grpc"],
+    );
+    eventually(Duration::from_secs(30), "workers ready", || {
+        all_healthy(&proxy)
+    });
+    support::signal(proxy.pid(), "USR1");
+    eventually(
+        Duration::from_secs(10),
+        "both workers drained by their own health",
+        || states(&proxy).iter().all(|s| s == "not_serving"),
+    );
+    assert_eq!(proxy.admin_get("/readyz").0, 503);
+    support::signal(proxy.pid(), "USR2");
+    eventually(Duration::from_secs(10), "both back", || all_healthy(&proxy));
+}

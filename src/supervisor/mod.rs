@@ -6,6 +6,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// A signal passed on to every worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// SIGUSR1.
+    Usr1,
+    /// SIGUSR2.
+    Usr2,
+}
+
 /// Where a worker's stdout and stderr go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerOutput {
@@ -314,6 +323,24 @@ impl Supervisor {
             rolling.store(false, Ordering::Release);
         });
         true
+    }
+
+    /// Passes `signal` on to every running worker's process group.
+    pub fn forward(&self, signal: Forwarded) {
+        let now = Instant::now();
+        for (backend, _) in &self.workers {
+            let Some(pid) = backend.status(now).pid else {
+                continue;
+            };
+            match platform::forward(pid, signal) {
+                Ok(()) => {
+                    tracing::info!(worker = ?backend.worker(), pid, ?signal, "signal passed on to worker")
+                }
+                Err(e) => {
+                    tracing::warn!(worker = ?backend.worker(), pid, ?signal, error = %e, "cannot pass the signal on")
+                }
+            }
+        }
     }
 
     /// Stops every worker (SIGTERM, then SIGKILL after the grace) and waits for all.

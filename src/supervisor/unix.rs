@@ -194,9 +194,21 @@ pub fn prepare(cmd: &mut Command) {
     }
 }
 
+/// Passes a signal on to a worker's process group.
+pub fn forward(pid: u32, signal: super::Forwarded) -> io::Result<()> {
+    let signal = match signal {
+        super::Forwarded::Usr1 => Signal::USR1,
+        super::Forwarded::Usr2 => Signal::USR2,
+    };
+    signal_pid_group(Some(pid), signal)
+}
+
 fn signal_group(child: &Child, signal: Signal) -> io::Result<()> {
-    let Some(pid) = child
-        .id()
+    signal_pid_group(child.id(), signal)
+}
+
+fn signal_pid_group(pid: Option<u32>, signal: Signal) -> io::Result<()> {
+    let Some(pid) = pid
         .and_then(|id| i32::try_from(id).ok())
         .and_then(Pid::from_raw)
     else {

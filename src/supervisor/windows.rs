@@ -51,6 +51,14 @@ pub fn prepare(cmd: &mut Command) {
     cmd.creation_flags(CREATE_NEW_PROCESS_GROUP);
 }
 
+/// Windows has no such signals; nothing sends them there.
+pub fn forward(_pid: u32, _signal: super::Forwarded) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "no Unix signals on Windows",
+    ))
+}
+
 /// Asks a worker to stop. Without a console signal to send, this terminates it.
 pub fn ask_to_stop(child: &mut Child) -> io::Result<()> {
     child.start_kill()
