@@ -210,12 +210,27 @@ def cmd_steady(args, stub):
     workers, errors = Counter(), []
     deadline = time.monotonic() + args.seconds
     made = 0
+    kinds = ["unary", "server", "client", "bidi"] if args.all_kinds else ["unary"]
     while made < args.calls and time.monotonic() < deadline:
+        kind = kinds[made % len(kinds)]
         try:
-            reply = stub.Unary(protos.EchoRequest(payload=b"x"), timeout=args.timeout)
-            workers[reply.worker] += 1
+            if kind == "unary":
+                replies = [stub.Unary(protos.EchoRequest(payload=b"x"), timeout=args.timeout)]
+            elif kind == "server":
+                replies = list(stub.ServerStream(protos.EchoRequest(payload=b"x", count=10),
+                                                 timeout=args.timeout))
+                assert len(replies) == 10, "server stream cut short"
+            elif kind == "client":
+                replies = [stub.ClientStream((protos.EchoRequest(payload=b"x") for _ in range(10)),
+                                             timeout=args.timeout)]
+                assert replies[0].seq == 10, "client stream cut short"
+            else:
+                replies = list(stub.Bidi((protos.EchoRequest(payload=b"x") for _ in range(10)),
+                                         timeout=args.timeout))
+                assert len(replies) == 10, "bidi stream cut short"
+            workers[replies[0].worker] += 1
         except grpc.RpcError as err:
-            errors.append(f"{err.code().name}: {err.details()}")
+            errors.append(f"{kind}: {err.code().name}: {err.details()}")
         made += 1
         time.sleep(args.pause_ms / 1000)
     return {"workers": dict(workers), "errors": errors, "calls": made}
@@ -274,6 +289,8 @@ def parse_args(argv):
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--calls", type=int, default=100000)
     p.add_argument("--pause-ms", type=float, default=5.0)
+    p.add_argument("--all-kinds", action="store_true",
+                   help="rotate unary, server-, client- and bidi-streaming calls")
     p.set_defaults(run=cmd_steady)
 
     p = sub.add_parser("one-channel", parents=[common])
