@@ -6,6 +6,9 @@
 //! Short by default; the soak run is the same test, longer:
 //! `PORTSHARE_CHAOS_SECONDS=120 cargo test --release --test chaos -- --nocapture`
 
+// Reads /proc and sends Unix signals: Linux only.
+#![cfg(target_os = "linux")]
+
 mod support;
 
 use std::time::{Duration, Instant};

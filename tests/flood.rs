@@ -1,6 +1,9 @@
 //! A connection flood against --max-connections: portshare stays within a memory bound,
 //! keeps serving the connections it accepted, and recovers fully when the flood ends.
 
+// Reads /proc and sends Unix signals: Linux only.
+#![cfg(target_os = "linux")]
+
 mod support;
 
 use std::net::SocketAddr;
