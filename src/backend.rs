@@ -92,6 +92,8 @@ struct BackendMetrics {
     received_bytes: Counter,
     active: Gauge,
     up: Gauge,
+    /// h2 mode: calls that ended OK, by far the most common label set, so registered once.
+    calls_ok: Counter,
 }
 
 impl BackendMetrics {
@@ -108,6 +110,7 @@ impl BackendMetrics {
             received_bytes: counter!(m::BACKEND_RECEIVED_BYTES, &[label()]),
             active: gauge!(m::BACKEND_ACTIVE, &[label()]),
             up: gauge!(m::BACKEND_UP, &[label()]),
+            calls_ok: counter!(m::CALLS, "backend" => name.to_owned(), "grpc_status" => "0"),
         }
     }
 }
@@ -288,6 +291,16 @@ impl Backend {
         ActiveGuard(Arc::clone(self))
     }
 
+    /// Counts a finished call (h2 mode) with its gRPC status.
+    pub fn count_call(&self, grpc_status: u32) {
+        if grpc_status == 0 {
+            self.metrics.calls_ok.increment(1);
+        } else {
+            counter!(m::CALLS, "backend" => self.spec.name.clone(), "grpc_status" => grpc_status.to_string())
+                .increment(1);
+        }
+    }
+
     /// Adds to the bytes-sent-to-backend counter.
     pub fn count_sent(&self, n: u64) {
         self.metrics.sent_bytes.increment(n);
@@ -408,18 +421,28 @@ impl BackendSet {
     /// Backends that checks or the supervisor took out (starting, unhealthy, not serving,
     /// stopped) are never offered.
     pub fn candidates(&self, now: Instant, tried: &[SocketAddr]) -> Vec<Arc<Backend>> {
-        let untried: Vec<Arc<Backend>> = self
-            .snapshot()
-            .iter()
-            .filter(|b| !tried.contains(&b.addr()) && b.health().takes_traffic())
-            .cloned()
-            .collect();
-        let usable: Vec<Arc<Backend>> = untried
-            .iter()
-            .filter(|b| !b.is_ejected(now))
-            .cloned()
-            .collect();
-        if usable.is_empty() { untried } else { usable }
+        // This runs for every connection (l4) or call (h2): one pass, one lock per backend.
+        let snapshot = self.snapshot();
+        let mut usable = Vec::with_capacity(snapshot.len());
+        let mut ejected = Vec::new();
+        for b in snapshot.iter() {
+            if tried.contains(&b.addr()) {
+                continue;
+            }
+            let (takes_traffic, is_ejected) = {
+                let s = lock(&b.state);
+                (
+                    s.health.health.takes_traffic(),
+                    s.passive.ejected_until.is_some_and(|t| t > now),
+                )
+            };
+            match (takes_traffic, is_ejected) {
+                (true, false) => usable.push(Arc::clone(b)),
+                (true, true) => ejected.push(Arc::clone(b)),
+                _ => {}
+            }
+        }
+        if usable.is_empty() { ejected } else { usable }
     }
 
     /// How many backends are in rotation at `now`.

@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{ActiveGuard, BackendSet, ConnectFailure};
+use crate::backend::{ActiveGuard, Backend, BackendSet, ConnectFailure};
 use crate::balance::Balancer;
 use crate::metrics as m;
 use crate::tls::Tls;
@@ -73,6 +73,8 @@ pub struct H2Proxy {
     pool: Pool,
     /// Permits for calls in flight.
     calls: Arc<Semaphore>,
+    /// Per-call metric handles.
+    metrics: CallMetrics,
 }
 
 /// What the first bytes of a connection say.
@@ -145,6 +147,10 @@ impl H2Proxy {
             &backends.snapshot(),
         );
         Self {
+            metrics: CallMetrics {
+                in_flight: gauge!(m::CALLS_IN_FLIGHT),
+                duration: histogram!(m::CALL_DURATION_SECONDS),
+            },
             calls: Arc::new(Semaphore::new(config.max_calls)),
             config,
             backends,
@@ -240,6 +246,7 @@ impl H2Proxy {
         let Ok(permit) = Arc::clone(&self.calls).try_acquire_owned() else {
             counter!(m::CALLS_SHED).increment(1);
             return self.finish_early(
+                None,
                 started,
                 Code::ResourceExhausted,
                 "portshare: too many calls in flight",
@@ -270,6 +277,7 @@ impl H2Proxy {
                     Ok(r) => r,
                     Err(_) => {
                         return self.finish_early(
+                            None,
                             started,
                             Code::DeadlineExceeded,
                             "portshare: deadline exceeded while connecting to a backend",
@@ -318,6 +326,7 @@ impl H2Proxy {
                     Ok(r) => r,
                     Err(_) => {
                         return self.finish_early(
+                            None,
                             started,
                             Code::DeadlineExceeded,
                             "portshare: deadline exceeded waiting for the backend",
@@ -354,8 +363,8 @@ impl H2Proxy {
                         let err = e.into_error();
                         let code = grpc::code_for(&err);
                         tracing::debug!(backend = backend.name(), error = %err, detail = ?err, "backend failed the call");
-                        return self.finish_early_on(
-                            backend.name(),
+                        return self.finish_early(
+                            Some(&backend),
                             started,
                             code,
                             &format!(
@@ -368,24 +377,31 @@ impl H2Proxy {
             }
         }
         self.finish_early(
+            None,
             started,
             Code::Unavailable,
             &format!("portshare: no backend could take the call ({last})"),
         )
     }
 
-    fn finish_early(&self, started: Instant, code: Code, message: &str) -> Response<CallBody> {
-        self.finish_early_on("none", started, code, message)
-    }
-
-    fn finish_early_on(
+    /// Ends a call with a Trailers-Only status of the proxy's own, counting it against
+    /// `backend` when one was involved.
+    fn finish_early(
         &self,
-        backend: &str,
+        backend: Option<&Backend>,
         started: Instant,
         code: Code,
         message: &str,
     ) -> Response<CallBody> {
-        record(backend, code.as_u32(), started);
+        match backend {
+            Some(b) => {
+                b.count_call(code.as_u32());
+                self.metrics
+                    .duration
+                    .record(started.elapsed().as_secs_f64());
+            }
+            None => record_unplaced(code.as_u32(), started),
+        }
         grpc::trailers_only(code, message)
     }
 
@@ -400,10 +416,11 @@ impl H2Proxy {
         // A Trailers-Only answer has its status in the headers.
         let status = grpc::status(resp.headers());
         let (parts, body) = resp.into_parts();
-        gauge!(m::CALLS_IN_FLIGHT).increment(1.0);
+        self.metrics.in_flight.increment(1.0);
         let body = CallBody {
             inner: Some(body),
             call: Some(Call {
+                metrics: self.metrics.clone(),
                 guard,
                 _permit: permit,
                 started,
@@ -414,9 +431,9 @@ impl H2Proxy {
     }
 }
 
-fn record(backend: &str, status: u32, started: Instant) {
-    counter!(m::CALLS, "backend" => backend.to_owned(), "grpc_status" => status.to_string())
-        .increment(1);
+/// Counts a call that was answered without a backend.
+fn record_unplaced(status: u32, started: Instant) {
+    counter!(m::CALLS, "backend" => "none", "grpc_status" => status.to_string()).increment(1);
     histogram!(m::CALL_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
 }
 
@@ -425,6 +442,8 @@ fn record(backend: &str, status: u32, started: Instant) {
 struct Call {
     /// Counts the call against its backend (p2c reads that).
     guard: ActiveGuard,
+    /// Where the call is counted when it ends.
+    metrics: CallMetrics,
     /// Counts it against the proxy-wide limit.
     _permit: OwnedSemaphorePermit,
     started: Instant,
@@ -434,11 +453,21 @@ struct Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        gauge!(m::CALLS_IN_FLIGHT).decrement(1.0);
+        self.metrics.in_flight.decrement(1.0);
         // No status seen: the client went away (or the backend vanished) mid-call.
         let status = self.status.unwrap_or(Code::Cancelled.as_u32());
-        record(self.guard.backend().name(), status, self.started);
+        self.guard.backend().count_call(status);
+        self.metrics
+            .duration
+            .record(self.started.elapsed().as_secs_f64());
     }
+}
+
+/// Metric handles used on every call, registered once.
+#[derive(Debug, Clone)]
+struct CallMetrics {
+    in_flight: metrics::Gauge,
+    duration: metrics::Histogram,
 }
 
 /// A response body: the backend's, passed through frame by frame, or nothing (Trailers-Only).

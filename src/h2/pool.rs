@@ -49,9 +49,32 @@ pub enum PoolError {
 /// One backend's connection slot.
 #[derive(Debug, Default)]
 struct Slot {
-    /// The current connection, if any. The lock is held across a connect, so callers that
-    /// arrive meanwhile wait for that one connection instead of opening their own.
-    conn: Mutex<Option<SendRequest<ReplayBody>>>,
+    /// The current connection, if any: read on every call, so a plain read lock.
+    current: std::sync::RwLock<Option<SendRequest<ReplayBody>>>,
+    /// Held across a connect, so callers that arrive meanwhile wait for that one connection
+    /// instead of opening their own.
+    connecting: Mutex<()>,
+}
+
+impl Slot {
+    /// The current connection when it can take a stream now.
+    fn ready(&self) -> Option<SendRequest<ReplayBody>> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        current
+            .as_ref()
+            .filter(|c| c.is_ready() && !c.is_closed())
+            .cloned()
+    }
+
+    fn set(&self, conn: Option<SendRequest<ReplayBody>>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = conn;
+    }
 }
 
 /// Connections to every backend.
@@ -81,22 +104,23 @@ impl Pool {
             Some(s) => Arc::clone(s),
             None => Arc::new(Slot::default()),
         };
-        let mut conn = slot.conn.lock().await;
-        if let Some(c) = conn.as_ref()
-            && c.is_ready()
-            && !c.is_closed()
-        {
-            return Ok((c.clone(), false));
+        if let Some(c) = slot.ready() {
+            return Ok((c, false));
+        }
+        let _connecting = slot.connecting.lock().await;
+        // Someone may have connected while this call waited.
+        if let Some(c) = slot.ready() {
+            return Ok((c, false));
         }
         let fresh = self.connect(backend).await?;
-        *conn = Some(fresh.clone());
+        slot.set(Some(fresh.clone()));
         Ok((fresh, true))
     }
 
     /// Forgets `backend`'s connection (it refused a stream), so the next call opens a new one.
     pub async fn invalidate(&self, backend: &Backend) {
         if let Some(slot) = self.slots.get(&backend.addr()) {
-            *slot.conn.lock().await = None;
+            slot.set(None);
         }
     }
 
