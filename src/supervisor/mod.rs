@@ -381,6 +381,10 @@ async fn roll(workers: Vec<(Arc<Backend>, mpsc::Sender<Restart>)>, ready_timeout
     tracing::info!("rolling restart done");
 }
 
+/// Between a worker leaving rotation and its SIGTERM in a rolling restart: long enough for a
+/// call picked an instant earlier to reach it, short enough not to slow the restart.
+const LEAVE_ROTATION_DELAY: Duration = Duration::from_millis(100);
+
 /// How often a rolling restart looks whether the restarted worker is ready.
 const READY_POLL: Duration = Duration::from_millis(50);
 
@@ -487,6 +491,9 @@ impl Watcher {
                     if !matches!(ended, Ended::Exited(_)) {
                         if matches!(ended, Ended::Restart(_)) {
                             tracing::info!(worker = %self.index, pid, "rolling restart: stopping worker");
+                            // Calls placed just before the worker left rotation are on their
+                            // way; let them arrive before it starts shutting down.
+                            tokio::time::sleep(LEAVE_ROTATION_DELAY).await;
                         }
                         self.stop_child(&mut child).await;
                     }
