@@ -272,19 +272,13 @@ impl H2Proxy {
             }
             let guard = backend.track();
             tried.push(backend.addr());
-            let got = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, self.pool.get(&backend)).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        return self.finish_early(
-                            None,
-                            started,
-                            Code::DeadlineExceeded,
-                            "portshare: deadline exceeded while connecting to a backend",
-                        );
-                    }
-                },
-                None => self.pool.get(&backend).await,
+            let Some(got) = by_deadline(deadline, self.pool.get(&backend)).await else {
+                return self.finish_early(
+                    Some(&backend),
+                    started,
+                    Code::DeadlineExceeded,
+                    "portshare: deadline exceeded while connecting to a backend",
+                );
             };
             let mut send = match got {
                 Ok((send, fresh)) => {
@@ -320,20 +314,14 @@ impl H2Proxy {
                 *r.headers_mut() = parts.headers.clone();
                 r
             });
-            let sent = send.try_send_request(req);
-            let result = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, sent).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        return self.finish_early(
-                            None,
-                            started,
-                            Code::DeadlineExceeded,
-                            "portshare: deadline exceeded waiting for the backend",
-                        );
-                    }
-                },
-                None => sent.await,
+            // Dropping the request on the deadline resets the backend's stream.
+            let Some(result) = by_deadline(deadline, send.try_send_request(req)).await else {
+                return self.finish_early(
+                    Some(&backend),
+                    started,
+                    Code::DeadlineExceeded,
+                    "portshare: deadline exceeded waiting for the backend",
+                );
             };
             match result {
                 Ok(resp) => return self.respond(resp, guard, permit, started),
@@ -428,6 +416,14 @@ impl H2Proxy {
             }),
         };
         Response::from_parts(parts, body)
+    }
+}
+
+/// Runs `f`, bounded by the call's deadline when it has one; `None` once the deadline passed.
+async fn by_deadline<F: std::future::Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+        None => Some(f.await),
     }
 }
 
