@@ -45,13 +45,15 @@ pub struct Opts {
     /// The public listener [default: [::]:50051].
     #[arg(long, global = true, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// l4: each client connection goes to one backend, bytes copied both ways [default: l4].
+    /// l4: each client connection goes to one backend, bytes copied both ways; h2: HTTP/2
+    /// terminated and every call balanced on its own [default: l4].
     #[arg(long, global = true, value_name = "l4|h2")]
     pub mode: Option<String>,
     /// A backend that already runs, HOST:PORT; HOST:P1-P2 adds a port range. Repeatable.
     #[arg(long = "backend", global = true, value_name = "ADDR")]
     pub backends: Vec<String>,
-    /// How a backend is picked [default: least-conn].
+    /// How a backend is picked, per connection (l4) or per call (h2) [default: least-conn in
+    /// l4, p2c in h2].
     #[arg(long, global = true, value_name = "least-conn|round-robin|p2c")]
     pub balance: Option<String>,
     /// Admin HTTP listener for /metrics, /healthz, /readyz and /backends [default: off].
