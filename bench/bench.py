@@ -1063,6 +1063,7 @@ def main():
     for var in ("BENCH_REV", "BENCH_QUICK"):
         if os.environ.get(var):
             command = f"{var}={os.environ[var]} {command}"
+    os.makedirs(args.out, exist_ok=True)
     text = write_report(os.path.join(args.out, "results.md"), command, started_wall, elapsed,
                         info, rows, runs, idles, args.quick)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -212,7 +212,7 @@ impl<C: Connect> L4Proxy<C> {
         let mut client = Tracked::new(client, &activity, &sent);
         let mut server = Tracked::new(server, &activity, &received);
         let copied = tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut server) => r.map(|_| End::Closed),
+            r = copy_both_ways(&mut client, &mut server) => r.map(|()| End::Closed),
             () = activity.idle_for(self.config.idle_timeout) => Ok(End::Idle),
             () = abort.cancelled() => Ok(End::Aborted),
         };
@@ -226,7 +226,7 @@ impl<C: Connect> L4Proxy<C> {
                 end,
             }),
             Err(source) => Err(L4Error::Copy {
-                // copy_bidirectional does not say which side failed; the wrappers saw it.
+                // The copy does not say which side failed; the wrappers saw it.
                 side: if server.failed {
                     Side::Backend
                 } else {
@@ -296,6 +296,113 @@ impl<C: Connect> L4Proxy<C> {
             last,
         })
     }
+}
+
+/// Bytes read but not yet written on: kept on the heap only while the writer pushes back.
+#[derive(Debug, Default)]
+struct Pump {
+    /// Unwritten bytes (`start..`), when a write could not take everything at once.
+    pending: Option<(Box<[u8]>, usize)>,
+    /// The reader reached EOF; the writer gets a shutdown once `pending` is written.
+    read_done: bool,
+    /// Data was written since the last flush.
+    need_flush: bool,
+    /// The writer was shut down: this direction is finished.
+    done: bool,
+}
+
+/// Read chunk size: one stack buffer per poll, never part of a connection's idle state.
+const CHUNK: usize = 16 * 1024;
+
+impl Pump {
+    /// Moves bytes from `r` to `w` until `r` is exhausted and `w` shut down (half-close passed
+    /// on). An idle connection holds no buffer: reads go through a stack buffer, and only
+    /// what the writer cannot take at once is copied to the heap, until it is written.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some((buf, start)) = &mut self.pending {
+                while *start < buf.len() {
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[*start..]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    *start += n;
+                    self.need_flush = true;
+                }
+                self.pending = None;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; CHUNK];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    // Nothing more to read now: make sure what was written goes out.
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                self.read_done = true;
+                continue;
+            }
+            // Try to hand the bytes straight on; keep only what the writer refuses.
+            let written = match Pin::new(&mut *w).poll_write(cx, &chunk[..n]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(m)) => m,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => 0,
+            };
+            if written > 0 {
+                self.need_flush = true;
+            }
+            if written < n {
+                self.pending = Some((chunk[written..n].into(), 0));
+            }
+        }
+    }
+}
+
+/// Copies both ways until both directions are finished (each reader at EOF and its writer
+/// shut down), like `tokio::io::copy_bidirectional`, but holding memory only for bytes in
+/// transit, so that thousands of idle connections cost next to nothing.
+async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut a_to_b = Pump::default();
+    let mut b_to_a = Pump::default();
+    std::future::poll_fn(|cx| {
+        let forward = a_to_b.poll_copy(cx, a, b)?;
+        let backward = b_to_a.poll_copy(cx, b, a)?;
+        match (forward, backward) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Whether a connect failed for want of local resources rather than because of the backend.
@@ -676,5 +783,42 @@ mod tests {
         abort.cancel();
         let t = task.await.expect("join").expect("proxied");
         assert_eq!(t.end, End::Aborted);
+    }
+
+    /// Through a pipe that holds only 64 bytes, a megabyte each way arrives whole and in
+    /// order (the writer pushes back all the time), and each side's EOF is passed on.
+    #[tokio::test]
+    async fn copy_both_ways_survives_backpressure_and_passes_half_close() {
+        let (mut client, mut client_far) = tokio::io::duplex(64);
+        let (mut server, mut server_far) = tokio::io::duplex(64);
+        let copier =
+            tokio::spawn(async move { copy_both_ways(&mut client_far, &mut server_far).await });
+        let up: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = up.iter().rev().copied().collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let client_side = tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(&mut client);
+            let send = async {
+                w.write_all(&up2).await.expect("client write");
+                w.shutdown().await.expect("client half-close");
+            };
+            let mut got = Vec::new();
+            let recv = r.read_to_end(&mut got);
+            let ((), read) = tokio::join!(send, recv);
+            read.expect("client read");
+            got
+        });
+        let server_side = tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(&mut server);
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.expect("server read");
+            // Only after the client's EOF arrived does the server answer, then close.
+            w.write_all(&down2).await.expect("server write");
+            w.shutdown().await.expect("server close");
+            got
+        });
+        assert_eq!(server_side.await.expect("join"), up);
+        assert_eq!(client_side.await.expect("join"), down);
+        copier.await.expect("join").expect("copy");
     }
 }
