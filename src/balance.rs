@@ -78,11 +78,6 @@ impl Balancer {
         }
     }
 
-    /// The strategy this picker uses.
-    pub fn kind(&self) -> Balance {
-        self.kind
-    }
-
     /// Picks one of `candidates`, given each one's current `load`; returns its index, or
     /// `None` when there is nothing to pick from.
     pub fn pick<T>(&self, candidates: &[T], load: impl Fn(&T) -> usize) -> Option<usize> {

@@ -134,10 +134,10 @@ pub enum End {
 }
 
 /// What one proxied connection did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Transfer {
-    /// The backend's name.
-    pub backend: String,
+    /// The backend it went to (shared, so finishing a connection allocates nothing).
+    pub backend: Arc<Backend>,
     /// Bytes from the client to the backend.
     pub to_backend: u64,
     /// Bytes from the backend to the client.
@@ -182,7 +182,7 @@ impl<C: Connect> L4Proxy<C> {
     {
         match self.proxy(client, abort).await {
             Ok(t) => tracing::debug!(
-                backend = t.backend,
+                backend = t.backend.name(),
                 to_backend = t.to_backend,
                 to_client = t.to_client,
                 end = ?t.end,
@@ -220,7 +220,7 @@ impl<C: Connect> L4Proxy<C> {
         server.report();
         match copied {
             Ok(end) => Ok(Transfer {
-                backend: backend.name().to_owned(),
+                backend: Arc::clone(guard.backend()),
                 to_backend: client.total,
                 to_client: server.total,
                 end,
@@ -660,7 +660,7 @@ mod tests {
         client.read_to_end(&mut answer).await.expect("read");
         assert_eq!(answer, b"pong");
         let (transfer, p) = task.await.expect("join").expect("proxied");
-        assert_eq!(transfer.backend, addr(3).to_string());
+        assert_eq!(transfer.backend.name(), addr(3).to_string());
         assert_eq!(
             (transfer.to_backend, transfer.to_client, transfer.end),
             (4, 4, End::Closed)
@@ -696,7 +696,7 @@ mod tests {
         }
         abort.cancel();
         let (t, p) = task.await.expect("join").expect("proxied");
-        assert_eq!(t.backend, addr(2).to_string());
+        assert_eq!(t.backend.name(), addr(2).to_string());
         // :1 was tried first: it cost one connect timeout, then it was ejected.
         assert_eq!(*conn.0.attempts.lock().expect("lock"), [addr(1), addr(2)]);
         assert!(started.elapsed() >= Duration::from_secs(1));

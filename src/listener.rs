@@ -72,10 +72,9 @@ fn is_connection_error(e: &io::Error) -> bool {
 struct ActiveConnection(Gauge);
 
 impl ActiveConnection {
-    fn new() -> Self {
-        let g = gauge!(m::CONNECTIONS_ACTIVE);
-        g.increment(1.0);
-        Self(g)
+    fn new(gauge: &Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge.clone())
     }
 }
 
@@ -100,6 +99,8 @@ pub async fn serve<H, F>(
     let stop = shutdown.stop_token();
     let accepted = counter!(m::CONNECTIONS_ACCEPTED);
     let accept_errors = counter!(m::ACCEPT_ERRORS);
+    // Registered once here, not on every connection.
+    let active = gauge!(m::CONNECTIONS_ACTIVE);
     let mut backoff = Backoff::new(ACCEPT_BACKOFF_BASE, ACCEPT_BACKOFF_MAX);
     loop {
         let permit = tokio::select! {
@@ -138,10 +139,11 @@ pub async fn serve<H, F>(
         }
         let span = tracing::debug_span!("conn", %peer);
         let task = handle(stream, peer);
+        let counted = ActiveConnection::new(&active);
         shutdown.tracker().spawn(
             async move {
                 let _permit = permit;
-                let _active = ActiveConnection::new();
+                let _counted = counted;
                 task.await;
             }
             .instrument(span),

@@ -87,14 +87,14 @@ impl Body for ReplayBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let replay = self.replay.clone();
-        let mut state = replay.lock();
-        if let Some(frame) = state.recorded.get(self.next) {
+        let this = &mut *self;
+        let mut state = this.replay.lock();
+        if let Some(frame) = state.recorded.get(this.next) {
             let frame = match frame {
                 Recorded::Data(b) => Frame::data(b.clone()),
                 Recorded::Trailers(t) => Frame::trailers(t.clone()),
             };
-            self.next += 1;
+            this.next += 1;
             return Poll::Ready(Some(Ok(frame)));
         }
         if state.source_done {
@@ -115,7 +115,7 @@ impl Body for ReplayBody {
                 if let Some(copy) = copy {
                     state.recorded.push(copy);
                     state.size += size;
-                    self.next = state.recorded.len();
+                    this.next = state.recorded.len();
                 }
             } else {
                 state.overflowed = true;

@@ -194,16 +194,6 @@ impl GrpcProbe {
         }
     }
 
-    /// The backend this probe checks.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The service name this probe asks about.
-    pub fn service(&self) -> &str {
-        &self.service
-    }
-
     /// One check, bounded by `timeout` as a whole (connect + call).
     ///
     /// Reuses the connection from the previous check when it is still open. Never panics
