@@ -2,7 +2,7 @@
 //! defaults < TOML file < `PORTSHARE_*` environment < flags, then validated into the typed
 //! [`Config`]. Every error names the key it is about.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -304,7 +304,7 @@ pub fn admin_addr(
         .admin
         .as_deref()
         .filter(|s| !s.is_empty() && *s != "off")
-        .map(|s| resolve_one("admin", s, false))
+        .map(|s| resolve_one("admin", s, false, system_lookup))
         .transpose()
 }
 
@@ -314,6 +314,25 @@ pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, Conf
     if let Some(path) = &opts.config {
         builder = builder.add_source(file_source(path)?);
     }
+    layer(builder, opts, env)
+}
+
+/// [`raw`] with the file's TOML given as text instead of a `--config` path.
+pub fn raw_from_toml(
+    toml: &str,
+    opts: &Opts,
+    env: &HashMap<String, String>,
+) -> Result<RawConfig, ConfigError> {
+    let builder = config::Config::builder().add_source(File::from_str(toml, FileFormat::Toml));
+    layer(builder, opts, env)
+}
+
+/// Adds the environment and the flags over whatever `builder` holds, and deserializes.
+fn layer(
+    mut builder: config::builder::ConfigBuilder<config::builder::DefaultState>,
+    opts: &Opts,
+    env: &HashMap<String, String>,
+) -> Result<RawConfig, ConfigError> {
     let env_vars: config::Map<String, String> = env
         .iter()
         .filter(|(k, _)| is_config_var(k))
@@ -439,10 +458,17 @@ fn unknown_field(message: &str) -> ConfigError {
 }
 
 impl RawConfig {
-    /// Checks every key and turns the raw strings into typed values.
+    /// Checks every key and turns the raw strings into typed values, resolving host names
+    /// with the system's resolver.
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        self.validate_with(system_lookup)
+    }
+
+    /// [`RawConfig::validate`] with `lookup` resolving the host names that are not IP
+    /// addresses.
+    pub fn validate_with(&self, lookup: Lookup) -> Result<Config, ConfigError> {
         let listen = match &self.listen {
-            Some(s) => resolve_one("listen", s, true)?,
+            Some(s) => resolve_one("listen", s, true, lookup)?,
             None => SocketAddr::from(([0u16; 8], 50051)),
         };
         let mode = match self.mode.as_deref().unwrap_or("l4") {
@@ -456,10 +482,11 @@ impl RawConfig {
             }
         };
         let mut backends: Vec<BackendSpec> = Vec::new();
+        let mut seen = HashSet::new();
         for (i, entry) in self.backends.iter().flatten().enumerate() {
             let key = format!("backends[{i}]");
-            for spec in parse_backend(&key, entry)? {
-                if backends.iter().any(|b| b.addr == spec.addr) {
+            for spec in parse_backend(&key, entry, lookup)? {
+                if !seen.insert(spec.addr) {
                     return Err(err(key, format!("{} is listed twice", spec.name)));
                 }
                 backends.push(spec);
@@ -496,7 +523,7 @@ impl RawConfig {
             .admin
             .as_deref()
             .filter(|s| !s.is_empty() && *s != "off")
-            .map(|s| resolve_one("admin", s, true))
+            .map(|s| resolve_one("admin", s, true, lookup))
             .transpose()?;
         let max_connections = match self.max_connections {
             None => 10_000,
@@ -920,29 +947,48 @@ fn parse_port(key: &str, whole: &str, text: &str, zero_ok: bool) -> Result<u16, 
     }
 }
 
-fn resolve(key: &str, whole: &str, host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+/// Resolves a host name (never an IP address) and port to addresses.
+pub type Lookup = fn(&str, u16) -> std::io::Result<Vec<SocketAddr>>;
+
+/// The system's resolver (`getaddrinfo`, which also reads the hosts file).
+pub fn system_lookup(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    Ok((host, port).to_socket_addrs()?.collect())
+}
+
+fn resolve(
+    key: &str,
+    whole: &str,
+    host: &str,
+    port: u16,
+    lookup: Lookup,
+) -> Result<SocketAddr, ConfigError> {
     if host.is_empty() {
         return Err(err(key, format!("{whole:?} has no host")));
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
-    (host, port)
-        .to_socket_addrs()
+    lookup(host, port)
         .map_err(|e| err(key, format!("cannot resolve {host:?}: {e}")))?
+        .into_iter()
         .next()
         .ok_or_else(|| err(key, format!("{host:?} resolves to no address")))
 }
 
 /// One `HOST:PORT` address.
-fn resolve_one(key: &str, s: &str, zero_ok: bool) -> Result<SocketAddr, ConfigError> {
+fn resolve_one(
+    key: &str,
+    s: &str,
+    zero_ok: bool,
+    lookup: Lookup,
+) -> Result<SocketAddr, ConfigError> {
     let (host, port) = split_host_port(key, s.trim())?;
     let port = parse_port(key, s, port, zero_ok)?;
-    resolve(key, s, host, port)
+    resolve(key, s, host, port, lookup)
 }
 
 /// One `backends` entry: `HOST:PORT` or `HOST:P1-P2`.
-fn parse_backend(key: &str, s: &str) -> Result<Vec<BackendSpec>, ConfigError> {
+fn parse_backend(key: &str, s: &str, lookup: Lookup) -> Result<Vec<BackendSpec>, ConfigError> {
     let s = s.trim();
     let (host, ports) = split_host_port(key, s)?;
     let (first, last) = match ports.split_once('-') {
@@ -969,7 +1015,7 @@ fn parse_backend(key: &str, s: &str) -> Result<Vec<BackendSpec>, ConfigError> {
     } else {
         host.to_owned()
     };
-    let base = resolve(key, s, host, first)?;
+    let base = resolve(key, s, host, first, lookup)?;
     Ok((first..=last)
         .map(|port| BackendSpec {
             name: format!("{shown_host}:{port}"),

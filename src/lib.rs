@@ -16,6 +16,7 @@
 //! - [`metrics`]: metric names, described once; the Prometheus recorder.
 //! - [`admin`]: `/healthz`, `/readyz`, `/backends`, `/metrics`.
 //! - [`status`]: `portshare status`, a table from a running instance's `/backends`.
+//! - `fuzz`: the entry points of the fuzz targets in `fuzz/` (hidden from the docs).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -25,6 +26,8 @@ pub mod backoff;
 pub mod balance;
 pub mod cli;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod h2;
 pub mod health;
 pub mod l4;

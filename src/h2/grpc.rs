@@ -58,7 +58,7 @@ pub fn status_trailers(code: Code, message: &str) -> HeaderMap {
 }
 
 /// `grpc-message` is percent-encoded: anything outside printable ASCII, and `%` itself.
-fn percent_encode(text: &str) -> String {
+pub(crate) fn percent_encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {

@@ -78,7 +78,8 @@ pub struct H2Proxy {
 }
 
 /// What the first bytes of a connection say.
-enum Opening {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
     /// The HTTP/2 preface (so far).
     Http2,
     /// Looks like an HTTP/1.x request line.
@@ -87,40 +88,44 @@ enum Opening {
     Other,
 }
 
+/// How many opening bytes [`classify`] decides on.
+pub const SNIFF_LEN: usize = 4;
+
+/// Classifies the first bytes of a connection: `None` while they are fewer than
+/// [`SNIFF_LEN`] and could still open either the HTTP/2 preface or an HTTP/1.x request, so
+/// more must be read. Once decided, more bytes never change the answer.
+pub fn classify(opening: &[u8]) -> Option<Opening> {
+    const HTTP1_METHODS: [&[u8; SNIFF_LEN]; 9] = [
+        b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC",
+    ];
+    let seen = &opening[..opening.len().min(SNIFF_LEN)];
+    let could_be = |start: &[u8]| start.starts_with(seen);
+    if seen.len() < SNIFF_LEN {
+        let undecided = could_be(PREFACE) || HTTP1_METHODS.iter().any(|m| could_be(&m[..]));
+        return (!undecided).then_some(Opening::Other);
+    }
+    Some(if seen == &PREFACE[..SNIFF_LEN] {
+        Opening::Http2
+    } else if HTTP1_METHODS.iter().any(|m| &m[..] == seen) {
+        Opening::Http1
+    } else {
+        Opening::Other
+    })
+}
+
 /// Peeks at the first bytes without consuming them.
 async fn sniff(stream: &TcpStream) -> Opening {
     let look = async {
-        let mut buf = [0u8; 4];
+        let mut buf = [0u8; SNIFF_LEN];
         loop {
             let n = match stream.peek(&mut buf).await {
                 Ok(0) | Err(_) => return Opening::Other,
                 Ok(n) => n,
             };
-            if buf[..n] != PREFACE[..n] {
-                let text = &buf[..n];
-                let http1 = [
-                    &b"GET "[..],
-                    b"POST",
-                    b"PUT ",
-                    b"HEAD",
-                    b"DELE",
-                    b"OPTI",
-                    b"PATC",
-                    b"CONN",
-                    b"TRAC",
-                ]
-                .iter()
-                .any(|m| m.starts_with(text) || text.starts_with(m));
-                return if http1 {
-                    Opening::Http1
-                } else {
-                    Opening::Other
-                };
+            if let Some(opening) = classify(&buf[..n]) {
+                return opening;
             }
-            if n == buf.len() {
-                return Opening::Http2;
-            }
-            // Fewer than 4 bytes so far, all matching: wait a moment for the rest.
+            // Fewer than 4 bytes so far, and they could still open either protocol.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };

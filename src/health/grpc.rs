@@ -330,7 +330,7 @@ fn build_request(
 
 /// `remaining` in the `grpc-timeout` format: at most 8 digits and a unit letter. Rounded
 /// up so a nearly spent budget never reads as `0m` (already expired).
-fn format_grpc_timeout(remaining: Duration) -> String {
+pub(crate) fn format_grpc_timeout(remaining: Duration) -> String {
     const MAX_DIGITS_VALUE: u128 = 99_999_999;
     let nanos = remaining.as_nanos();
     // Milliseconds reach 27 hours, beyond any sensible probe timeout; the coarser units
@@ -412,7 +412,7 @@ async fn read_response(response: Response<Incoming>) -> Result<ServingStatus, Pr
 }
 
 /// The `grpc-status` in `headers`, if there is one.
-fn grpc_status(headers: &HeaderMap) -> Result<Option<u32>, ProbeError> {
+pub(crate) fn grpc_status(headers: &HeaderMap) -> Result<Option<u32>, ProbeError> {
     let Some(value) = headers.get("grpc-status") else {
         return Ok(None);
     };
@@ -442,7 +442,7 @@ fn status_error(code: u32, headers: &HeaderMap) -> Option<ProbeError> {
 
 /// Decodes a `grpc-message`, which the spec percent-encodes (UTF-8 underneath). Malformed
 /// escapes are kept as they are, as the spec asks, since the message is only for people.
-fn percent_decode(input: &[u8]) -> String {
+pub(crate) fn percent_decode(input: &[u8]) -> String {
     let hex = |b: u8| char::from(b).to_digit(16);
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;
@@ -485,7 +485,7 @@ fn malformed(what: impl Into<String>) -> ProbeError {
 
 /// Appends `value` as a protobuf base-128 varint: 7 bits a byte, least significant first,
 /// the top bit set on every byte but the last.
-fn encode_varint(mut value: u64, out: &mut BytesMut) {
+pub(crate) fn encode_varint(mut value: u64, out: &mut BytesMut) {
     while value >= 0x80 {
         out.put_u8((value & 0x7f) as u8 | 0x80);
         value >>= 7;
@@ -540,7 +540,7 @@ fn encode_request(service: &str) -> Bytes {
 }
 
 /// The request body: the gRPC prefix (uncompressed, length) and the encoded request.
-fn encode_request_frame(service: &str) -> Result<Bytes, ProbeError> {
+pub(crate) fn encode_request_frame(service: &str) -> Result<Bytes, ProbeError> {
     let message = encode_request(service);
     let len = u32::try_from(message.len()).map_err(|_| {
         ProbeError::Request(format!(
@@ -557,7 +557,7 @@ fn encode_request_frame(service: &str) -> Result<Bytes, ProbeError> {
 
 /// Decodes a whole response body: exactly one uncompressed gRPC message holding a
 /// `HealthCheckResponse`.
-fn decode_response_frame(body: &[u8]) -> Result<ServingStatus, ProbeError> {
+pub(crate) fn decode_response_frame(body: &[u8]) -> Result<ServingStatus, ProbeError> {
     if body.is_empty() {
         return Err(malformed("grpc-status 0 without a response message"));
     }
@@ -592,7 +592,7 @@ fn decode_response_frame(body: &[u8]) -> Result<ServingStatus, ProbeError> {
 
 /// Decodes `HealthCheckResponse { ServingStatus status = 1; }`, skipping fields a newer
 /// schema may have added.
-fn decode_response(mut msg: &[u8]) -> Result<ServingStatus, ProbeError> {
+pub(crate) fn decode_response(mut msg: &[u8]) -> Result<ServingStatus, ProbeError> {
     // proto3: a missing field holds its default, 0 = UNKNOWN.
     let mut status = 0i32;
     while !msg.is_empty() {
