@@ -30,7 +30,8 @@ const NOT_CONFIG_KEYS: [&str; 3] = ["PORTSHARE_LOG", "PORTSHARE_PORT", "PORTSHAR
 /// named `portshare` puts `PORTSHARE_SERVICE_*` and `PORTSHARE_PORT_*` in the environment:
 /// those are not ours and must not make portshare refuse to start.
 fn is_config_var(name: &str) -> bool {
-    name.starts_with("PORTSHARE_")
+    name.len() > "PORTSHARE_".len()
+        && name.starts_with("PORTSHARE_")
         && !NOT_CONFIG_KEYS.contains(&name)
         && !name.starts_with("PORTSHARE_SERVICE_")
         && !name.starts_with("PORTSHARE_PORT_")
@@ -449,6 +450,8 @@ fn unknown_field(message: &str) -> ConfigError {
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split_once('`'))
     {
+        // TOML allows an empty key (`"" = 1`); name it as TOML writes it.
+        let field = if field.is_empty() { "\"\"" } else { field };
         return err(
             field,
             "unknown key (see config/portshare.toml for the keys)",
@@ -1135,6 +1138,12 @@ mod tests {
             &env(&[("PORTSHARE_LISTENING", "x")]),
         );
         assert_eq!(e.key, "listening");
+        // An empty key is named as TOML writes it (found by fuzzing).
+        let f = toml_file("backends = [\"127.0.0.1:9\"]\n\"\" = 1\n");
+        o.config = Some(f.path().to_path_buf());
+        assert_eq!(load_err(&o, &env(&[])).key, "\"\"");
+        // A bare `PORTSHARE_` is no key at all, so it is not read as one.
+        assert!(load(&opts(&["127.0.0.1:9"]), &env(&[("PORTSHARE_", "x")])).is_ok());
     }
 
     #[test]
