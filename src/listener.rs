@@ -5,13 +5,15 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use metrics::{Gauge, counter, gauge};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
@@ -84,6 +86,27 @@ impl Drop for ActiveConnection {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A connection's task with what it holds until it ends: its permit and its place in the
+    /// active gauge. A struct, not an `async` block awaiting `task`: such a block would keep
+    /// `task` twice in its state (once captured, once awaited), doubling every connection's
+    /// task allocation.
+    struct Held<F> {
+        #[pin]
+        task: F,
+        _permit: OwnedSemaphorePermit,
+        _counted: ActiveConnection,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Held<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.project().task.poll(cx)
+    }
+}
+
 /// Accepts connections until shutdown begins, running `handle` for each one on a tracked
 /// task. Returns once the listener has stopped accepting; the tasks go on.
 pub async fn serve<H, F>(
@@ -138,16 +161,12 @@ pub async fn serve<H, F>(
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY on a client connection");
         }
         let span = tracing::debug_span!("conn", %peer);
-        let task = handle(stream, peer);
-        let counted = ActiveConnection::new(&active);
-        shutdown.tracker().spawn(
-            async move {
-                let _permit = permit;
-                let _counted = counted;
-                task.await;
-            }
-            .instrument(span),
-        );
+        let task = Held {
+            task: handle(stream, peer),
+            _permit: permit,
+            _counted: ActiveConnection::new(&active),
+        };
+        shutdown.tracker().spawn(task.instrument(span));
     }
 }
 
