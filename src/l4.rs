@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -348,8 +349,9 @@ impl Pump {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; CHUNK];
-            let mut rb = ReadBuf::new(&mut chunk);
+            // Uninitialized: zeroing 16 KiB on every read showed up in profiles.
+            let mut chunk = [MaybeUninit::<u8>::uninit(); CHUNK];
+            let mut rb = ReadBuf::uninit(&mut chunk);
             match Pin::new(&mut *r).poll_read(cx, &mut rb) {
                 Poll::Pending => {
                     // Nothing more to read now: make sure what was written goes out.
@@ -362,13 +364,14 @@ impl Pump {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
-            let n = rb.filled().len();
+            let read = rb.filled();
+            let n = read.len();
             if n == 0 {
                 self.read_done = true;
                 continue;
             }
             // Try to hand the bytes straight on; keep only what the writer refuses.
-            let written = match Pin::new(&mut *w).poll_write(cx, &chunk[..n]) {
+            let written = match Pin::new(&mut *w).poll_write(cx, read) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(m)) => m,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -378,7 +381,7 @@ impl Pump {
                 self.need_flush = true;
             }
             if written < n {
-                self.pending = Some((chunk[written..n].into(), 0));
+                self.pending = Some((read[written..].into(), 0));
             }
         }
     }
