@@ -13,6 +13,13 @@ use portshare::shutdown::{Shutdown, Signals};
 use portshare::{Error, Listeners};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of the system allocator: h2 mode allocates per call (streams, headers,
+/// frames), and glibc's malloc/free were 8% of its CPU in profiles; with mimalloc h2 mode
+/// used about 10% less CPU per call. Transparent huge pages are off (`no_thp`): with them a
+/// fresh process held 8 MiB more and an idle h2 connection twice the memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
 const EXIT_USAGE: u8 = 64;
 
