@@ -252,9 +252,18 @@ pub fn closed_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-/// The portshare binary under test.
+/// The portshare binary under test, without the `PORTSHARE_*` variables of the environment
+/// the tests run in: those are configuration to portshare (a test's own knob, such as
+/// `PORTSHARE_CHAOS_SECONDS`, would be refused as an unknown key), and a test sets what
+/// it means to.
 pub fn portshare() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_portshare"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portshare"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PORTSHARE_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
 }
 
 /// A running portshare, started with JSON logs so the bound addresses can be read back.
