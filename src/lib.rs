@@ -216,6 +216,9 @@ pub async fn run(
         .map(|w| supervisor::Supervisor::start(w, &backends.snapshot()))
         .transpose()?;
     let checks_stop = CancellationToken::new();
+    if let Some(handle) = &prometheus {
+        tokio::spawn(metrics::upkeep(handle.clone(), checks_stop.clone()));
+    }
     health::spawn_checkers(&backends, &config.health, &checks_stop);
     if let Some(t) = &tls {
         tokio::spawn(Arc::clone(t).watch(checks_stop.clone()));

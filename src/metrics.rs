@@ -4,8 +4,11 @@
 //! `_seconds`) and `_total` on counters. Everything that records a metric uses these
 //! constants, so the list below is the complete catalogue.
 
+use std::time::Duration;
+
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
 
 /// Client connections accepted by the public listener.
 pub const CONNECTIONS_ACCEPTED: &str = "portshare_connections_accepted_total";
@@ -74,6 +77,24 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         .install_recorder()?;
     describe();
     Ok(handle)
+}
+
+/// How often recorded histogram samples are folded into their buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets every [`UPKEEP_INTERVAL`] until
+/// `stop`. The recorder queues every sample until upkeep runs; a scrape runs it too, but
+/// without one (no admin listener, or nobody scraping) the queue would grow by every call
+/// for good.
+pub async fn upkeep(handle: PrometheusHandle, stop: CancellationToken) {
+    let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => handle.run_upkeep(),
+        }
+    }
 }
 
 fn describe() {
