@@ -396,6 +396,19 @@ pub struct BackendSet {
 }
 
 impl BackendSet {
+    /// A set with no backends, for tests that only need something to hand over.
+    #[cfg(test)]
+    pub(crate) fn empty() -> Arc<Self> {
+        let second = Duration::from_secs(1);
+        Arc::new(Self::new(
+            Vec::new(),
+            EjectionConfig {
+                base_time: second,
+                max_time: second,
+            },
+        ))
+    }
+
     /// A set holding `specs`, all in rotation.
     pub fn new(specs: impl IntoIterator<Item = BackendSpec>, ejection: EjectionConfig) -> Self {
         let now = Instant::now();

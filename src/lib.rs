@@ -348,7 +348,6 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::EjectionConfig;
     use crate::balance::Balance;
     use crate::l4::L4Config;
     use std::time::Duration;
@@ -367,13 +366,7 @@ mod tests {
                 connect_attempts: 1,
                 idle_timeout: second,
             },
-            Arc::new(BackendSet::new(
-                Vec::new(),
-                EjectionConfig {
-                    base_time: second,
-                    max_time: second,
-                },
-            )),
+            BackendSet::empty(),
             Balancer::new(Balance::LeastConn),
             TcpConnect,
         ));

@@ -175,10 +175,15 @@ impl H2Proxy {
         abort: CancellationToken,
     ) {
         if let Some(tls) = tls {
-            // ALPN offers only h2, so a TLS client that got this far speaks HTTP/2.
-            if let Some(stream) = tls.accept(stream).await {
-                self.serve_http2(stream, peer, stop, abort).await;
-            }
+            // Boxed: the TLS stream and its HTTP/2 connection would otherwise widen every
+            // plain connection's task by their size, too.
+            Box::pin(async move {
+                // ALPN offers only h2, so a TLS client that got this far speaks HTTP/2.
+                if let Some(stream) = tls.accept(stream).await {
+                    self.serve_http2(stream, peer, stop, abort).await;
+                }
+            })
+            .await;
             return;
         }
         match sniff(&stream).await {
@@ -532,5 +537,40 @@ impl Body for CallBody {
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Balance;
+
+    /// An idle client connection holds this future; the TLS path must not widen it.
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let second = Duration::from_secs(1);
+        let proxy = Arc::new(H2Proxy::new(
+            H2Config {
+                max_concurrent_streams: 100,
+                max_header_list_size: 16 * 1024,
+                max_calls: 100,
+                attempts: 1,
+                stream_window: 65_535,
+                connection_window: 65_535,
+                connect_timeout: second,
+            },
+            BackendSet::empty(),
+            Balancer::new(Balance::P2c),
+        ));
+        let token = CancellationToken::new();
+        let task = proxy.serve_connection(client, addr, None, token.clone(), token);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("h2 connection task: {size} bytes");
+        assert!(size <= 3072, "an h2 connection's task is {size} bytes");
     }
 }
