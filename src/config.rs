@@ -30,8 +30,8 @@ const NOT_CONFIG_KEYS: [&str; 3] = ["PORTSHARE_LOG", "PORTSHARE_PORT", "PORTSHAR
 /// named `portshare` puts `PORTSHARE_SERVICE_*` and `PORTSHARE_PORT_*` in the environment:
 /// those are not ours and must not make portshare refuse to start.
 fn is_config_var(name: &str) -> bool {
-    name.len() > "PORTSHARE_".len()
-        && name.starts_with("PORTSHARE_")
+    name.strip_prefix("PORTSHARE_")
+        .is_some_and(|key| !key.is_empty())
         && !NOT_CONFIG_KEYS.contains(&name)
         && !name.starts_with("PORTSHARE_SERVICE_")
         && !name.starts_with("PORTSHARE_PORT_")
@@ -319,7 +319,7 @@ pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, Conf
 }
 
 /// [`raw`] with the file's TOML given as text instead of a `--config` path.
-pub fn raw_from_toml(
+pub(crate) fn raw_from_toml(
     toml: &str,
     opts: &Opts,
     env: &HashMap<String, String>,
@@ -469,7 +469,7 @@ impl RawConfig {
 
     /// [`RawConfig::validate`] with `lookup` resolving the host names that are not IP
     /// addresses.
-    pub fn validate_with(&self, lookup: Lookup) -> Result<Config, ConfigError> {
+    pub(crate) fn validate_with(&self, lookup: Lookup) -> Result<Config, ConfigError> {
         let listen = match &self.listen {
             Some(s) => resolve_one("listen", s, true, lookup)?,
             None => SocketAddr::from(([0u16; 8], 50051)),
@@ -951,10 +951,10 @@ fn parse_port(key: &str, whole: &str, text: &str, zero_ok: bool) -> Result<u16, 
 }
 
 /// Resolves a host name (never an IP address) and port to addresses.
-pub type Lookup = fn(&str, u16) -> std::io::Result<Vec<SocketAddr>>;
+pub(crate) type Lookup = fn(&str, u16) -> std::io::Result<Vec<SocketAddr>>;
 
 /// The system's resolver (`getaddrinfo`, which also reads the hosts file).
-pub fn system_lookup(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+pub(crate) fn system_lookup(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
     Ok((host, port).to_socket_addrs()?.collect())
 }
 

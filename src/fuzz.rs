@@ -13,7 +13,7 @@ use hyper::header::{HeaderMap, HeaderValue};
 
 use crate::cli::Cli;
 use crate::config::{self, ConfigError};
-use crate::h2::{self, Opening, SNIFF_LEN};
+use crate::h2::{self, Opening, PREFACE, SNIFF_LEN};
 use crate::health::grpc as health;
 use crate::health::grpc::ServingStatus;
 
@@ -224,7 +224,7 @@ pub fn sniff(data: &[u8]) {
             (Some(now), None) => decided = Some(now),
         }
     }
-    if data.starts_with(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..SNIFF_LEN]) {
+    if data.starts_with(&PREFACE[..SNIFF_LEN]) {
         assert_eq!(decided, Some(Opening::Http2));
     }
 }

@@ -215,13 +215,14 @@ pub async fn run(
         .clone()
         .map(|w| supervisor::Supervisor::start(w, &backends.snapshot()))
         .transpose()?;
-    let checks_stop = CancellationToken::new();
+    // Stops the background tasks: health checks, TLS file watching, metrics upkeep.
+    let background_stop = CancellationToken::new();
     if let Some(handle) = &prometheus {
-        tokio::spawn(metrics::upkeep(handle.clone(), checks_stop.clone()));
+        tokio::spawn(metrics::upkeep(handle.clone(), background_stop.clone()));
     }
-    health::spawn_checkers(&backends, &config.health, &checks_stop);
+    health::spawn_checkers(&backends, &config.health, &background_stop);
     if let Some(t) = &tls {
-        tokio::spawn(Arc::clone(t).watch(checks_stop.clone()));
+        tokio::spawn(Arc::clone(t).watch(background_stop.clone()));
     }
     log_bound("proxy", &listeners.proxy);
     let admin_stop = CancellationToken::new();
@@ -334,7 +335,7 @@ pub async fn run(
         tracing::info!("stopping workers");
         w.stop().await;
     }
-    checks_stop.cancel();
+    background_stop.cancel();
     admin_stop.cancel();
     if let Some(task) = admin {
         let _ = task.await;

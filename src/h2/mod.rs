@@ -38,7 +38,7 @@ use pool::{Pool, PoolConfig, PoolError};
 use replay::Replay;
 
 /// The HTTP/2 connection preface every h2 client sends first.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A client that has not sent the first bytes of its preface by then is dropped, so silent
 /// connections cannot pile up before HTTP/2 even starts.
@@ -79,7 +79,7 @@ pub struct H2Proxy {
 
 /// What the first bytes of a connection say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Opening {
+pub(crate) enum Opening {
     /// The HTTP/2 preface (so far).
     Http2,
     /// Looks like an HTTP/1.x request line.
@@ -89,12 +89,12 @@ pub enum Opening {
 }
 
 /// How many opening bytes [`classify`] decides on.
-pub const SNIFF_LEN: usize = 4;
+pub(crate) const SNIFF_LEN: usize = 4;
 
 /// Classifies the first bytes of a connection: `None` while they are fewer than
 /// [`SNIFF_LEN`] and could still open either the HTTP/2 preface or an HTTP/1.x request, so
 /// more must be read. Once decided, more bytes never change the answer.
-pub fn classify(opening: &[u8]) -> Option<Opening> {
+pub(crate) fn classify(opening: &[u8]) -> Option<Opening> {
     const HTTP1_METHODS: [&[u8; SNIFF_LEN]; 9] = [
         b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC",
     ];
