@@ -37,7 +37,7 @@ pub struct AdminState {
     /// sending new work while the drain runs.
     pub draining: CancellationToken,
     /// Asks for a rolling restart of spawned workers; `None` when there are none.
-    pub restart: Option<tokio::sync::mpsc::Sender<crate::Control>>,
+    pub restart: Option<tokio::sync::mpsc::Sender<crate::control::Control>>,
 }
 
 /// Serves the admin endpoints until `stop` is cancelled.
@@ -150,7 +150,7 @@ fn restart_workers(state: &AdminState, req: &Request<Incoming>) -> Response<Full
         None => text(StatusCode::CONFLICT, "no spawned workers to restart\n"),
         Some(tx) => {
             // A full channel means one request is already waiting: this one adds nothing.
-            let _ = tx.try_send(crate::Control::Reload);
+            let _ = tx.try_send(crate::control::Control::Reload);
             text(StatusCode::ACCEPTED, "rolling restart requested\n")
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use config::{Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendSpec, EjectionConfig};
+use crate::backend::{BackendSpec, EjectionConfig, Thresholds};
 use crate::balance::Balance;
 use crate::cli::Opts;
 use crate::h2::H2Config;
@@ -718,12 +718,10 @@ impl RawHealth {
                 "1s",
             )?,
             timeout,
-            healthy_threshold: threshold("health.healthy_threshold", self.healthy_threshold, 2)?,
-            unhealthy_threshold: threshold(
-                "health.unhealthy_threshold",
-                self.unhealthy_threshold,
-                3,
-            )?,
+            thresholds: Thresholds {
+                healthy: threshold("health.healthy_threshold", self.healthy_threshold, 2)?,
+                unhealthy: threshold("health.unhealthy_threshold", self.unhealthy_threshold, 3)?,
+            },
         })
     }
 }
@@ -874,8 +872,8 @@ impl Config {
                 interval: Some(human(self.health.interval)),
                 unhealthy_interval: Some(human(self.health.unhealthy_interval)),
                 timeout: Some(human(self.health.timeout)),
-                healthy_threshold: Some(u64::from(self.health.healthy_threshold)),
-                unhealthy_threshold: Some(u64::from(self.health.unhealthy_threshold)),
+                healthy_threshold: Some(u64::from(self.health.thresholds.healthy)),
+                unhealthy_threshold: Some(u64::from(self.health.thresholds.unhealthy)),
             }),
             tls: self.tls.as_ref().map(|t| RawTls {
                 cert: Some(t.cert.display().to_string()),

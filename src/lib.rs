@@ -5,11 +5,14 @@
 //! In data-path order:
 //! - [`cli`]: the command line, mirroring the config keys.
 //! - [`config`]: defaults < TOML file < `PORTSHARE_*` env < flags, validated into [`config::Config`].
+//! - [`control`]: requests from outside (SIGHUP, `POST /workers/restart`, forwarded signals).
 //! - [`shutdown`]: signals, the stop token and task tracker, the bounded drain.
 //! - [`listener`]: bind, permit before accept, accept backoff, one task per connection.
 //! - [`tls`]: rustls termination (ALPN h2, client certificates), reload on SIGHUP and file change.
 //! - [`balance`]: round-robin, least-conn and p2c over a list of candidates.
-//! - [`backend`]: the shared backend set: addresses, load, passive ejection.
+//! - [`backend`]: the shared backend set: addresses, load, passive ejection, and each
+//!   backend's lifecycle state (starting, ready, failing, stopped) that checks, the
+//!   supervisor and the data path report to.
 //! - [`l4`]: pick → connect (timeout, retry elsewhere) → copy both ways.
 //! - [`h2`]: HTTP/2 terminated; per call: pick → pooled backend connection → stream through.
 //! - [`backoff`]: the one jittered exponential backoff.
@@ -26,6 +29,7 @@ pub mod backoff;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod control;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod h2;
@@ -46,12 +50,12 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendSet, BackendSpec, WorkerIndex};
 use crate::balance::Balancer;
 use crate::config::{Config, Mode};
+use crate::control::{Control, Controls};
 use crate::h2::H2Proxy;
 use crate::l4::{L4Proxy, TcpConnect};
 use crate::shutdown::{Drained, Shutdown};
@@ -116,43 +120,6 @@ fn log_bound(role: &'static str, l: &TcpListener) {
     }
 }
 
-/// Requests from outside to the running proxy, from signals and the admin endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    /// Reload the TLS files and restart spawned workers one at a time: SIGHUP, or
-    /// `POST /workers/restart` (the way on Windows, which has no SIGHUP).
-    Reload,
-    /// Pass a signal on to every spawned worker (SIGUSR1/SIGUSR2), as an init would.
-    Forward(supervisor::Forwarded),
-}
-
-/// The channel that carries [`Control`] requests into [`run`].
-#[derive(Debug)]
-pub struct Controls {
-    tx: mpsc::Sender<Control>,
-    rx: mpsc::Receiver<Control>,
-}
-
-impl Default for Controls {
-    fn default() -> Self {
-        // A few pending requests at most: a reload that waits behind another adds nothing.
-        let (tx, rx) = mpsc::channel(8);
-        Self { tx, rx }
-    }
-}
-
-impl Controls {
-    /// A fresh channel.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Where requests are sent from (the signal watcher).
-    pub fn sender(&self) -> mpsc::Sender<Control> {
-        self.tx.clone()
-    }
-}
-
 /// One l4 client connection, TLS terminated first if configured. This future is what every
 /// open connection holds while idle, so it is kept small: the TLS path, whose stream state
 /// is kilobytes, is boxed instead of widening every plain connection's task.
@@ -184,10 +151,7 @@ pub async fn run(
     prometheus: Option<PrometheusHandle>,
     controls: Controls,
 ) -> Result<(), Error> {
-    let Controls {
-        tx: control_tx,
-        rx: mut controls,
-    } = controls;
+    let (control_tx, mut controls) = controls.into_parts();
     let tls = config
         .tls
         .clone()

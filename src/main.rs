@@ -140,7 +140,7 @@ async fn serve(config: Config) -> Result<(), Error> {
     let signals = Signals::new().map_err(Error::Signals)?;
     let shutdown = Shutdown::new();
     let listeners = Listeners::bind(&config)?;
-    let controls = portshare::Controls::new();
+    let controls = portshare::control::Controls::new();
     tokio::spawn(signals.watch(shutdown.clone(), controls.sender()));
     portshare::run(config, listeners, shutdown, Some(prometheus), controls).await
 }

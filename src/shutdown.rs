@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::Control;
+use crate::control::Control;
 #[cfg(unix)]
 use crate::supervisor::Forwarded;
 use tokio_util::task::TaskTracker;

@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{counter, histogram};
-use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendSet};
+use crate::backend::{Backend, BackendSet, CheckResult, Health, Thresholds};
 use crate::metrics as m;
 
 /// While a worker boots, it is checked this often, so it joins the rotation promptly; a
@@ -55,159 +54,8 @@ pub struct HealthConfig {
     pub unhealthy_interval: Duration,
     /// One check's limit.
     pub timeout: Duration,
-    /// Consecutive passes that return an unhealthy backend to rotation.
-    pub healthy_threshold: u32,
-    /// Consecutive failures that take a ready backend out of rotation.
-    pub unhealthy_threshold: u32,
-}
-
-/// Where a backend stands, as far as checks and the supervisor know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Health {
-    /// A configured backend before its first check: given traffic optimistically, as
-    /// passive ejection catches one that is down.
-    Unknown,
-    /// A spawned worker that has not passed a check yet: no traffic.
-    Starting,
-    /// Passing its checks.
-    Healthy,
-    /// Failing its checks.
-    Unhealthy,
-    /// Answered NOT_SERVING: drained, no new traffic.
-    NotServing,
-    /// A spawned worker that is not running (exited, or being restarted).
-    Stopped,
-}
-
-impl Health {
-    /// Whether new traffic may go there.
-    pub fn takes_traffic(self) -> bool {
-        matches!(self, Health::Unknown | Health::Healthy)
-    }
-
-    /// The name used in logs and `/backends`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Unknown => "unknown",
-            Health::Starting => "starting",
-            Health::Healthy => "healthy",
-            Health::Unhealthy => "unhealthy",
-            Health::NotServing => "not_serving",
-            Health::Stopped => "stopped",
-        }
-    }
-}
-
-impl fmt::Display for Health {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What one check found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckResult {
-    /// Reachable and serving.
-    Pass,
-    /// Reachable but asks for no new traffic (gRPC NOT_SERVING).
-    NotServing,
-    /// Unreachable, timed out, or answered wrongly; the text says how.
-    Fail(String),
-}
-
-/// The health of one backend: its state and the streaks that move it.
-#[derive(Debug, Clone)]
-pub struct HealthState {
-    /// Current state.
-    pub health: Health,
-    /// When it entered that state.
-    pub since: Instant,
-    /// Consecutive passes so far.
-    passes: u32,
-    /// Consecutive failures (or NOT_SERVING answers) so far.
-    failures: u32,
-    /// The most recent check's result, for `/backends`.
-    pub last_check: Option<String>,
-}
-
-impl HealthState {
-    /// A fresh state.
-    pub fn new(health: Health, now: Instant) -> Self {
-        Self {
-            health,
-            since: now,
-            passes: 0,
-            failures: 0,
-            last_check: None,
-        }
-    }
-
-    /// Moves to `health` (no-op if already there); returns the previous state on a change.
-    pub fn set(&mut self, health: Health, now: Instant) -> Option<Health> {
-        if self.health == health {
-            return None;
-        }
-        let before = self.health;
-        self.health = health;
-        self.since = now;
-        self.passes = 0;
-        self.failures = 0;
-        Some(before)
-    }
-
-    /// Applies one check result under the thresholds; returns the previous state when it
-    /// flipped. A backend in its first state (`unknown`, `starting`) flips on the first
-    /// result, so a worker joins as soon as it answers; after that it takes a streak.
-    /// `stopped` belongs to the supervisor, and checks do not move it.
-    pub fn observe(
-        &mut self,
-        result: &CheckResult,
-        config: &HealthConfig,
-        now: Instant,
-    ) -> Option<Health> {
-        self.last_check = Some(match result {
-            CheckResult::Pass => "ok".to_owned(),
-            CheckResult::NotServing => "NOT_SERVING".to_owned(),
-            CheckResult::Fail(why) => why.clone(),
-        });
-        if self.health == Health::Stopped {
-            return None;
-        }
-        let fresh = matches!(self.health, Health::Unknown | Health::Starting);
-        match result {
-            CheckResult::Pass => {
-                self.passes = self.passes.saturating_add(1);
-                self.failures = 0;
-                if self.health != Health::Healthy
-                    && (fresh || self.passes >= config.healthy_threshold)
-                {
-                    return self.set(Health::Healthy, now);
-                }
-            }
-            CheckResult::NotServing | CheckResult::Fail(_) => {
-                self.failures = self.failures.saturating_add(1);
-                self.passes = 0;
-                let target = if *result == CheckResult::NotServing {
-                    Health::NotServing
-                } else {
-                    Health::Unhealthy
-                };
-                // A booting worker that cannot be reached yet is simply still starting.
-                if self.health == Health::Starting && target == Health::Unhealthy {
-                    return None;
-                }
-                if self.health != target
-                    && (fresh
-                        || self.failures >= config.unhealthy_threshold
-                        || !self.health.takes_traffic())
-                {
-                    return self.set(target, now);
-                }
-            }
-        }
-        None
-    }
+    /// Results in a row that flip a backend in or out of rotation.
+    pub thresholds: Thresholds,
 }
 
 /// One backend's probe: a TCP connect, or a reusable gRPC health client.
@@ -280,7 +128,7 @@ async fn check_loop(
             };
             counter!(m::HEALTH_CHECKS, "backend" => backend.name().to_owned(), "result" => outcome)
                 .increment(1);
-            set.record_check(&backend, &result, &config, Instant::now());
+            set.record_check(&backend, &result, &config.thresholds, Instant::now());
         }
         let pause = match backend.health() {
             Health::Starting | Health::Stopped => STARTING_INTERVAL,
@@ -294,110 +142,5 @@ async fn check_loop(
             () = tokio::time::sleep(pause + jitter) => {}
             () = backend.worker_started_signal() => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config() -> HealthConfig {
-        HealthConfig {
-            kind: CheckKind::Tcp,
-            interval: Duration::from_secs(5),
-            unhealthy_interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            healthy_threshold: 2,
-            unhealthy_threshold: 3,
-        }
-    }
-
-    fn fail() -> CheckResult {
-        CheckResult::Fail("refused".into())
-    }
-
-    #[test]
-    fn a_starting_worker_joins_on_its_first_pass_and_waits_through_failures() {
-        let now = Instant::now();
-        let mut s = HealthState::new(Health::Starting, now);
-        for _ in 0..10 {
-            assert_eq!(s.observe(&fail(), &config(), now), None);
-        }
-        assert_eq!(s.health, Health::Starting);
-        assert_eq!(
-            s.observe(&CheckResult::Pass, &config(), now),
-            Some(Health::Starting)
-        );
-        assert_eq!(s.health, Health::Healthy);
-    }
-
-    #[test]
-    fn a_ready_backend_leaves_only_after_the_unhealthy_threshold() {
-        let now = Instant::now();
-        let mut s = HealthState::new(Health::Healthy, now);
-        assert_eq!(s.observe(&fail(), &config(), now), None);
-        assert_eq!(s.observe(&fail(), &config(), now), None);
-        // A pass in between starts the count again.
-        assert_eq!(s.observe(&CheckResult::Pass, &config(), now), None);
-        assert_eq!(s.observe(&fail(), &config(), now), None);
-        assert_eq!(s.observe(&fail(), &config(), now), None);
-        assert_eq!(s.observe(&fail(), &config(), now), Some(Health::Healthy));
-        assert_eq!(s.health, Health::Unhealthy);
-        // Flipped once: further failures change nothing.
-        assert_eq!(s.observe(&fail(), &config(), now), None);
-    }
-
-    #[test]
-    fn an_unhealthy_backend_returns_after_the_healthy_threshold() {
-        let now = Instant::now();
-        let mut s = HealthState::new(Health::Unhealthy, now);
-        assert_eq!(s.observe(&CheckResult::Pass, &config(), now), None);
-        assert_eq!(
-            s.observe(&CheckResult::Pass, &config(), now),
-            Some(Health::Unhealthy)
-        );
-        assert!(s.health.takes_traffic());
-    }
-
-    #[test]
-    fn not_serving_drains_and_serving_returns() {
-        let now = Instant::now();
-        let mut s = HealthState::new(Health::Healthy, now);
-        for _ in 0..2 {
-            assert_eq!(s.observe(&CheckResult::NotServing, &config(), now), None);
-        }
-        assert_eq!(
-            s.observe(&CheckResult::NotServing, &config(), now),
-            Some(Health::Healthy)
-        );
-        assert!(!s.health.takes_traffic());
-        assert_eq!(s.last_check.as_deref(), Some("NOT_SERVING"));
-        assert_eq!(s.observe(&CheckResult::Pass, &config(), now), None);
-        assert_eq!(
-            s.observe(&CheckResult::Pass, &config(), now),
-            Some(Health::NotServing)
-        );
-    }
-
-    #[test]
-    fn an_unknown_backend_is_decided_by_its_first_result() {
-        let now = Instant::now();
-        let mut s = HealthState::new(Health::Unknown, now);
-        assert_eq!(s.observe(&fail(), &config(), now), Some(Health::Unknown));
-        assert_eq!(s.health, Health::Unhealthy);
-        let mut s = HealthState::new(Health::Unknown, now);
-        assert_eq!(
-            s.observe(&CheckResult::Pass, &config(), now),
-            Some(Health::Unknown)
-        );
-    }
-
-    #[test]
-    fn checks_do_not_move_a_stopped_worker() {
-        let now = Instant::now();
-        let mut s = HealthState::new(Health::Stopped, now);
-        assert_eq!(s.observe(&CheckResult::Pass, &config(), now), None);
-        assert_eq!(s.health, Health::Stopped);
-        assert_eq!(s.last_check.as_deref(), Some("ok"));
     }
 }

@@ -89,9 +89,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, WorkerIndex};
+use crate::backend::{Backend, Health, WorkerIndex};
 use crate::backoff::Backoff;
-use crate::health::Health;
 use crate::metrics as m;
 
 /// Workers listen on loopback; portshare is their only client.

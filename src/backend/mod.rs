@@ -1,6 +1,10 @@
 //! The shared set of backends: where each one is, how many connections it carries, and
 //! whether passive ejection currently keeps it out of rotation.
 
+mod state;
+
+pub use state::{CheckResult, Health, HealthState, Thresholds};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -11,7 +15,6 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::backoff;
-use crate::health::{CheckResult, Health, HealthConfig, HealthState};
 use crate::metrics as m;
 
 /// A spawned worker's number, 0-based; stable across its restarts.
@@ -477,10 +480,10 @@ impl BackendSet {
         &self,
         backend: &Backend,
         result: &CheckResult,
-        config: &HealthConfig,
+        thresholds: &Thresholds,
         now: Instant,
     ) {
-        let before = lock(&backend.state).health.observe(result, config, now);
+        let before = lock(&backend.state).health.observe(result, thresholds, now);
         if let Some(before) = before {
             log_flip(backend, before, backend.health(), Some(result));
         }
