@@ -74,6 +74,14 @@ pub struct Opts {
     /// A proxied connection with no bytes either way for this long is closed [default: 1h].
     #[arg(long, global = true, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+    /// How long a call (h2) or client connection (l4) may wait for a backend that can take
+    /// it (none ready, e.g. while workers start or restart; all at their cap) [default: 10s].
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub queue_timeout: Option<String>,
+    /// h2: calls in flight one backend may have; more wait for a free one (0: no cap)
+    /// [default: 0].
+    #[arg(long, global = true, value_name = "N")]
+    pub max_calls_per_backend: Option<u64>,
     /// Active health check of every backend [default: tcp].
     #[arg(long, global = true, value_name = "tcp|grpc")]
     pub health: Option<String>,

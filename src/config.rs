@@ -119,6 +119,8 @@ pub struct RawConfig {
     /// See the README's option table.
     pub idle_timeout: Option<String>,
     /// See the README's option table.
+    pub queue_timeout: Option<String>,
+    /// See the README's option table.
     pub log_format: Option<String>,
     /// Passive ejection after failed connects.
     pub ejection: Option<RawEjection>,
@@ -196,6 +198,10 @@ pub struct RawH2 {
     pub stream_window: Option<u64>,
     /// Per-connection flow-control window, bytes.
     pub connection_window: Option<u64>,
+    /// How long a call may wait for a backend; the top-level `queue_timeout` by default.
+    pub queue_timeout: Option<String>,
+    /// Calls in flight one backend may have; 0 = no cap.
+    pub max_calls_per_backend: Option<u64>,
 }
 
 /// `[health]` as written.
@@ -358,6 +364,7 @@ fn layer(
         ("drain_timeout", &opts.drain_timeout),
         ("connect_timeout", &opts.connect_timeout),
         ("idle_timeout", &opts.idle_timeout),
+        ("queue_timeout", &opts.queue_timeout),
         ("log_format", &opts.log_format),
         ("health.check", &opts.health),
         ("tls.cert", &opts.tls_cert),
@@ -377,6 +384,7 @@ fn layer(
         ("connect_attempts", opts.connect_attempts),
         ("workers.count", opts.workers),
         ("workers.port_base", opts.worker_port_base),
+        ("h2.max_calls_per_backend", opts.max_calls_per_backend),
     ];
     for (key, value) in numbers {
         if let Some(v) = value {
@@ -573,11 +581,12 @@ impl RawConfig {
                 ));
             }
         };
-        let h2 = self
-            .h2
-            .clone()
-            .unwrap_or_default()
-            .validate(connect_timeout, connect_attempts)?;
+        let queue_timeout = duration("queue_timeout", self.queue_timeout.as_deref(), "10s")?;
+        let h2 = self.h2.clone().unwrap_or_default().validate(
+            connect_timeout,
+            connect_attempts,
+            queue_timeout,
+        )?;
         let tls = self.tls.clone().unwrap_or_default().validate()?;
         Ok(Config {
             tls,
@@ -593,6 +602,7 @@ impl RawConfig {
                 connect_timeout,
                 connect_attempts,
                 idle_timeout,
+                queue_timeout,
             },
             ejection: EjectionConfig {
                 base_time,
@@ -625,6 +635,7 @@ impl RawH2 {
         &self,
         connect_timeout: Duration,
         attempts: usize,
+        queue_timeout: Duration,
     ) -> Result<H2Config, ConfigError> {
         // HTTP/2's own bounds: windows up to 2^31-1; at least the 64 KiB default.
         const MAX_WINDOW: u64 = (1 << 31) - 1;
@@ -667,6 +678,20 @@ impl RawH2 {
                 MAX_WINDOW,
             )?),
             connect_timeout,
+            queue_timeout: match &self.queue_timeout {
+                Some(text) => duration("h2.queue_timeout", Some(text), "10s")?,
+                None => queue_timeout,
+            },
+            max_calls_per_backend: match ranged(
+                "h2.max_calls_per_backend",
+                self.max_calls_per_backend,
+                0,
+                0,
+                tokio::sync::Semaphore::MAX_PERMITS as u64,
+            )? {
+                0 => None,
+                n => Some(n as usize),
+            },
         })
     }
 }
@@ -858,6 +883,7 @@ impl Config {
             connect_timeout: Some(human(self.l4.connect_timeout)),
             connect_attempts: Some(self.l4.connect_attempts as u64),
             idle_timeout: Some(human(self.l4.idle_timeout)),
+            queue_timeout: Some(human(self.l4.queue_timeout)),
             log_format: Some(self.log_format.to_string()),
             ejection: Some(RawEjection {
                 base_time: Some(human(self.ejection.base_time)),
@@ -888,6 +914,8 @@ impl Config {
                 max_calls: Some(self.h2.max_calls as u64),
                 stream_window: Some(u64::from(self.h2.stream_window)),
                 connection_window: Some(u64::from(self.h2.connection_window)),
+                queue_timeout: Some(human(self.h2.queue_timeout)),
+                max_calls_per_backend: Some(self.h2.max_calls_per_backend.unwrap_or(0) as u64),
             }),
             workers: self.workers.as_ref().map(|w| RawWorkers {
                 count: Some(w.count as u64),

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{ActiveGuard, Backend, BackendSet, ConnectFailure};
+use crate::backend::{ActiveGuard, Backend, BackendSet, ConnectFailure, Tried};
 use crate::balance::Balancer;
 use crate::metrics as m;
 
@@ -31,6 +31,9 @@ pub struct L4Config {
     pub connect_attempts: usize,
     /// A connection with no bytes either way for this long is closed.
     pub idle_timeout: Duration,
+    /// How long an accepted connection may wait for a backend that can take it (none
+    /// ready, e.g. while the only worker restarts) before it is closed.
+    pub queue_timeout: Duration,
 }
 
 /// Opens connections to backends; injectable so tests can script what a backend does.
@@ -242,19 +245,27 @@ impl<C: Connect> L4Proxy<C> {
     /// Picks a backend and connects to it; on a refused or timed-out connect, marks that
     /// backend and tries another, up to the configured number of attempts.
     async fn connect(&self) -> Result<(C::Stream, ActiveGuard), L4Error> {
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut tried = Tried::new();
         let mut last = String::from("no backend to try");
+        let until = Instant::now() + self.config.queue_timeout;
         for attempt in 0..self.config.connect_attempts {
-            let candidates = self.backends.candidates(Instant::now(), &tried);
-            let Some(i) = self.balancer.pick(&candidates, |b| b.active()) else {
-                break;
+            // Counted while connecting too, so concurrent picks already see the load.
+            let guard = match self
+                .backends
+                .pick_or_wait(&self.balancer, &tried, None, until)
+                .await
+            {
+                Ok(guard) => guard,
+                Err(unplaced) => {
+                    last = format!("{} (waited {:.1?} for one)", unplaced.why, unplaced.waited);
+                    break;
+                }
             };
-            let backend = &candidates[i];
+            let backend = Arc::clone(guard.backend());
+            let backend = &backend;
             if attempt > 0 {
                 counter!(m::CONNECT_RETRIES).increment(1);
             }
-            // Counted while connecting too, so concurrent picks already see the load.
-            let guard = backend.track();
             let (failure, error) = match tokio::time::timeout(
                 self.config.connect_timeout,
                 self.connector.connect(backend.addr()),
@@ -280,7 +291,7 @@ impl<C: Connect> L4Proxy<C> {
                 ),
             };
             drop(guard);
-            tried.push(backend.addr());
+            tried.add(backend);
             let ejected = self
                 .backends
                 .connect_failed(backend, failure, &error, Instant::now());
@@ -556,7 +567,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{BackendSpec, EjectionConfig};
+    use crate::backend::{BackendSpec, EjectionConfig, Thresholds};
     use crate::balance::Balance;
     use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -614,12 +625,17 @@ mod tests {
             base_time: Duration::from_secs(5),
             max_time: Duration::from_secs(60),
         };
-        let backends = Arc::new(BackendSet::new(specs, ejection));
+        let thresholds = Thresholds {
+            healthy: 2,
+            unhealthy: 3,
+        };
+        let backends = Arc::new(BackendSet::new(specs, ejection, thresholds));
         let connector = Scripted(Arc::new(script));
         let config = L4Config {
             connect_timeout: Duration::from_secs(1),
             connect_attempts: 3,
             idle_timeout: idle,
+            queue_timeout: Duration::from_secs(1),
         };
         // Round-robin from the first backend: the order of attempts is known.
         let balancer = Balancer::starting_at(Balance::RoundRobin, 0);
@@ -669,13 +685,10 @@ mod tests {
             (4, 4, End::Closed)
         );
         assert_eq!(*conn.0.attempts.lock().expect("lock"), [addr(1), addr(3)]);
-        let states: Vec<_> = p
-            .backends
-            .statuses(Instant::now())
-            .iter()
-            .map(|s| s.state)
-            .collect();
-        assert_eq!(states, ["ejected", "unknown", "unknown"]);
+        let statuses = p.backends.statuses(Instant::now());
+        let states: Vec<_> = statuses.iter().map(|s| (s.state, s.ejections)).collect();
+        // Refused: ejected, and (nothing listens there) out of rotation by its health too.
+        assert_eq!(states, [("unhealthy", 1), ("unknown", 0), ("unknown", 0)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -712,7 +725,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn when_every_backend_refuses_the_client_is_given_up() {
         let script = Script {
             refuse: vec![addr(1), addr(2)],
@@ -731,8 +744,15 @@ mod tests {
         assert_eq!(err.side(), Side::Backend);
         // Each backend was tried once, not attempts-many times.
         assert_eq!(conn.0.attempts.lock().expect("lock").len(), 2);
-        // Never both ejected: one stays in rotation.
-        assert_eq!(p.backends.usable(Instant::now()), 1);
+        // Nothing listens on either: both are out by their health, after a wait for one to
+        // come back; passive ejection alone never took the last one.
+        let statuses = p.backends.statuses(Instant::now());
+        assert!(statuses.iter().all(|s| s.state == "unhealthy"));
+        assert_eq!(statuses.iter().map(|s| s.ejections).sum::<u64>(), 1);
+        assert!(
+            err.to_string().contains("no backend is ready (waited 1.0s"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -173,7 +173,11 @@ pub async fn run(
             })
             .collect(),
     };
-    let backends = Arc::new(BackendSet::new(specs, config.ejection));
+    let backends = Arc::new(BackendSet::new(
+        specs,
+        config.ejection,
+        config.health.thresholds,
+    ));
     let mut workers = config
         .workers
         .clone()
@@ -330,6 +334,7 @@ mod tests {
                 connect_timeout: second,
                 connect_attempts: 1,
                 idle_timeout: second,
+                queue_timeout: second,
             },
             BackendSet::empty(),
             Balancer::new(Balance::LeastConn),

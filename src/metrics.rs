@@ -48,6 +48,12 @@ pub const CALLS_IN_FLIGHT: &str = "portshare_calls_in_flight";
 pub const CALL_RETRIES: &str = "portshare_call_retries_total";
 /// h2 mode: calls refused at once because too many were in flight.
 pub const CALLS_SHED: &str = "portshare_calls_shed_total";
+/// Calls (h2) or client connections (l4) waiting for a backend that can take them.
+pub const QUEUE_WAITING: &str = "portshare_queue_waiting";
+/// How long calls or connections waited for a backend (only those that had to wait).
+pub const QUEUE_WAIT_SECONDS: &str = "portshare_queue_wait_seconds";
+/// Calls or connections that waited for a backend until their time ran out.
+pub const QUEUE_TIMEOUTS: &str = "portshare_queue_timeouts_total";
 /// TLS handshakes that failed, by `reason`.
 pub const TLS_HANDSHAKE_ERRORS: &str = "portshare_tls_handshake_errors_total";
 /// Bytes copied from clients to each backend.
@@ -72,6 +78,13 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
             &[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0,
+            ],
+        )?
+        // Waits last from a worker's restart (a second or so) to the queue timeout.
+        .set_buckets_for_metric(
+            Matcher::Full(QUEUE_WAIT_SECONDS.to_owned()),
+            &[
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             ],
         )?
         .install_recorder()?;
@@ -119,6 +132,19 @@ fn describe() {
     describe_counter!(
         CALLS_SHED,
         "Calls refused at once: too many in flight (h2 mode)."
+    );
+    describe_gauge!(
+        QUEUE_WAITING,
+        "Calls (h2) or connections (l4) waiting for a backend that can take them."
+    );
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "How long calls or connections waited for a backend."
+    );
+    describe_counter!(
+        QUEUE_TIMEOUTS,
+        "Calls or connections that waited for a backend until their time ran out."
     );
     describe_counter!(HEALTH_CHECKS, "Health checks run, by backend and result.");
     describe_histogram!(

@@ -71,18 +71,20 @@ fn a_worker_killed_mid_call_fails_only_that_call() {
     }
 }
 
-/// No backend at all: UNAVAILABLE at once, with a message saying so; the proxy stays up.
+/// No backend that can take the call: it waits up to the queue timeout, then ends
+/// UNAVAILABLE with a message saying how long it waited and why; the proxy stays up. A
+/// deadline shorter than the queue timeout ends the wait as DEADLINE_EXCEEDED.
 #[test]
-fn no_backend_is_unavailable_fast() {
+fn no_backend_is_unavailable_after_the_queue_timeout() {
     let dead = format!("127.0.0.1:{}", closed_port());
-    let proxy = Proxy::start(&["--mode", "h2", "--backend", &dead]);
+    let proxy = Proxy::start(&["--mode", "h2", "--backend", &dead, "--queue-timeout", "1s"]);
     let started = Instant::now();
     let r = client(&["unary", "--target", &proxy.target(), "--timeout", "10"]);
     assert_eq!(r["code"], "UNAVAILABLE", "{r}");
+    let details = r["details"].as_str().unwrap_or_default();
     assert!(
-        r["details"]
-            .as_str()
-            .is_some_and(|d| d.contains("no backend")),
+        details.contains("no backend could take the call after waiting 1.0")
+            && details.contains("no backend is ready"),
         "{r}"
     );
     assert!(
@@ -91,8 +93,21 @@ fn no_backend_is_unavailable_fast() {
         started.elapsed()
     );
     assert!(proxy.metric("portshare_calls_total{backend=\"none\",grpc_status=\"14\"}") >= 1.0);
-    let r = client(&["unary", "--target", &proxy.target()]);
+    assert!(proxy.metric("portshare_queue_timeouts_total") >= 1.0);
+    assert_eq!(proxy.metric("portshare_queue_waiting"), 0.0);
+    let r = client(&["unary", "--target", &proxy.target(), "--timeout", "0.5"]);
+    assert_eq!(r["code"], "DEADLINE_EXCEEDED", "{r}");
+
+    // A queue timeout of 0 fails at once, as before there was a queue.
+    let at_once = Proxy::start(&["--mode", "h2", "--backend", &dead, "--queue-timeout", "0s"]);
+    let started = Instant::now();
+    let r = client(&["unary", "--target", &at_once.target(), "--timeout", "10"]);
     assert_eq!(r["code"], "UNAVAILABLE", "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 /// HTTP/1.1 gets a clear 505 answer; garbage is closed; a normal call follows.

@@ -11,40 +11,24 @@ use serde_json::Value;
 use support::{Proxy, client, eventually, python, python_dir, spread_counts};
 
 fn start(n: usize, extra_worker_args: &[&str], env: &[(&str, &str)], flags: &[&str]) -> Proxy {
-    let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-    args.extend(support::spawn_args(n, extra_worker_args));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proxy::start_env(&refs, env)
+    support::spawned(n, extra_worker_args, env, flags)
 }
 
 fn states(proxy: &Proxy) -> Vec<String> {
-    proxy
-        .backends()
-        .iter()
-        .map(|b| b["state"].as_str().unwrap_or("?").to_owned())
-        .collect()
+    proxy.states()
 }
 
 fn all_healthy(proxy: &Proxy) -> bool {
-    states(proxy).iter().all(|s| s == "healthy")
+    proxy.all_healthy()
 }
 
 #[cfg(unix)]
 fn pids(proxy: &Proxy) -> Vec<u32> {
-    proxy
-        .backends()
-        .iter()
-        .filter_map(|b| b["pid"].as_u64())
-        .map(|p| p as u32)
-        .collect()
+    proxy.pids()
 }
 
 fn worker_entry(proxy: &Proxy, index: u64) -> Value {
-    proxy
-        .backends()
-        .into_iter()
-        .find(|b| b["worker"].as_u64() == Some(index))
-        .expect("worker listed")
+    proxy.worker_entry(index)
 }
 
 /// Whether a process runs (a zombie counts as gone).

@@ -1,6 +1,7 @@
 //! The shared set of backends: where each one is, how many connections it carries, and
 //! whether passive ejection currently keeps it out of rotation.
 
+mod queue;
 mod state;
 
 pub use state::{CheckResult, Health, HealthState, Thresholds};
@@ -15,7 +16,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::backoff;
+use crate::balance::Balancer;
 use crate::metrics as m;
+use queue::Capacity;
 
 /// A spawned worker's number, 0-based; stable across its restarts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -141,9 +144,12 @@ pub struct Backend {
     state: Mutex<State>,
     /// Its metric handles.
     metrics: BackendMetrics,
-    /// Wakes its health checker early when a new worker process starts, so a restarted
-    /// worker is checked at once rather than at the next regular interval.
-    started: tokio::sync::Notify,
+    /// Wakes its health checker early: a new worker process started (so it is checked at
+    /// once rather than at the next regular interval), or the data path saw a connect
+    /// refused (so a dead backend is found out within a second).
+    recheck: tokio::sync::Notify,
+    /// Shared with the whole set: wakes calls waiting for a backend that can take them.
+    capacity: Arc<Capacity>,
 }
 
 /// A point-in-time view of one backend, as `/backends` shows it.
@@ -185,7 +191,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Backend {
-    fn new(spec: BackendSpec, now: Instant) -> Self {
+    fn new(spec: BackendSpec, now: Instant, capacity: Arc<Capacity>) -> Self {
         let metrics = BackendMetrics::new(&spec.name);
         // A spawned worker must prove itself first; a configured backend is given the
         // benefit of the doubt until its first check.
@@ -203,7 +209,21 @@ impl Backend {
                 worker: WorkerState::default(),
             }),
             metrics,
-            started: tokio::sync::Notify::new(),
+            recheck: tokio::sync::Notify::new(),
+            capacity,
+        }
+    }
+
+    /// Logs a change of state once and, when the backend entered rotation, wakes the
+    /// calls waiting for one.
+    fn changed(&self, before: Option<Health>, check: Option<&CheckResult>) {
+        let Some(before) = before else {
+            return;
+        };
+        let now = self.health();
+        log_flip(self, before, now, check);
+        if now.takes_traffic() {
+            self.capacity.joined();
         }
     }
 
@@ -226,9 +246,7 @@ impl Backend {
     /// Sets the health state from the supervisor's side (started, stopped); logs a change.
     pub fn set_health(&self, health: Health, now: Instant) {
         let before = lock(&self.state).health.set(health, now);
-        if let Some(before) = before {
-            log_flip(self, before, health, None);
-        }
+        self.changed(before, None);
     }
 
     /// Records that the worker process started with `pid` (a restart unless it is the first).
@@ -242,15 +260,19 @@ impl Backend {
             s.passive.streak = 0;
             s.health.set(Health::Starting, now)
         };
-        if let Some(before) = before {
-            log_flip(self, before, Health::Starting, None);
-        }
-        self.started.notify_one();
+        self.changed(before, None);
+        self.recheck.notify_one();
     }
 
-    /// Completes when a new worker process has started (see `started`).
-    pub async fn worker_started_signal(&self) {
-        self.started.notified().await;
+    /// Completes when the backend should be checked at once (see `recheck`).
+    pub async fn recheck_requested(&self) {
+        self.recheck.notified().await;
+    }
+
+    /// The state and whether a failure streak is under way, for the checker's pace.
+    pub fn check_pace(&self) -> (Health, bool) {
+        let s = lock(&self.state);
+        (s.health.health, s.health.failing())
     }
 
     /// Records that the worker process exited.
@@ -260,9 +282,7 @@ impl Backend {
             s.worker.pid = None;
             s.health.set(Health::Stopped, now)
         };
-        if let Some(before) = before {
-            log_flip(self, before, Health::Stopped, None);
-        }
+        self.changed(before, None);
     }
 
     /// The configured name.
@@ -292,6 +312,19 @@ impl Backend {
     pub fn track(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(Arc::clone(self))
+    }
+
+    /// Like [`Backend::track`], unless `cap` calls are in flight there already.
+    fn try_track(self: &Arc<Self>, cap: Option<usize>) -> Option<ActiveGuard> {
+        let Some(cap) = cap else {
+            return Some(self.track());
+        };
+        self.active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ActiveGuard(Arc::clone(self)))
     }
 
     /// Counts a finished call (h2 mode) with its gRPC status.
@@ -383,7 +416,50 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.capacity.released();
     }
+}
+
+/// The backends one call or connection has tried, each in the incarnation it tried: a
+/// worker that refused it and was then restarted (or a backend that failed and came back)
+/// may be tried again.
+#[derive(Debug, Default)]
+pub struct Tried(Vec<(SocketAddr, u64)>);
+
+impl Tried {
+    /// Nothing tried yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `backend` was tried.
+    pub fn add(&mut self, backend: &Backend) {
+        let generation = lock(&backend.state).health.generation;
+        self.0.push((backend.addr(), generation));
+    }
+
+    /// How many tries so far.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none was tried yet.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn has(&self, addr: SocketAddr, generation: u64) -> bool {
+        self.0.contains(&(addr, generation))
+    }
+}
+
+/// Why a wait for a backend ended without one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaced {
+    /// How long it waited.
+    pub waited: Duration,
+    /// What kept every backend from taking it, in a few words.
+    pub why: String,
 }
 
 /// All backends, shared by the data path, the admin endpoint and (later) the supervisor.
@@ -396,6 +472,11 @@ pub struct BackendSet {
     eject_lock: Mutex<()>,
     /// How long ejections last.
     ejection: EjectionConfig,
+    /// The streaks that flip a backend; a connect refused on the data path counts as a
+    /// failed check.
+    thresholds: Thresholds,
+    /// Wakes waiters when a backend can take more.
+    capacity: Arc<Capacity>,
 }
 
 impl BackendSet {
@@ -409,20 +490,31 @@ impl BackendSet {
                 base_time: second,
                 max_time: second,
             },
+            Thresholds {
+                healthy: 1,
+                unhealthy: 1,
+            },
         ))
     }
 
     /// A set holding `specs`, all in rotation.
-    pub fn new(specs: impl IntoIterator<Item = BackendSpec>, ejection: EjectionConfig) -> Self {
+    pub fn new(
+        specs: impl IntoIterator<Item = BackendSpec>,
+        ejection: EjectionConfig,
+        thresholds: Thresholds,
+    ) -> Self {
         let now = Instant::now();
+        let capacity = Arc::new(Capacity::default());
         let list: Vec<Arc<Backend>> = specs
             .into_iter()
-            .map(|s| Arc::new(Backend::new(s, now)))
+            .map(|s| Arc::new(Backend::new(s, now, Arc::clone(&capacity))))
             .collect();
         Self {
             backends: RwLock::new(list.into()),
             eject_lock: Mutex::new(()),
             ejection,
+            thresholds,
+            capacity,
         }
     }
 
@@ -431,22 +523,25 @@ impl BackendSet {
         Arc::clone(&self.backends.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// The backends a new connection may go to, leaving out `tried`: the healthy ones in
-    /// rotation, or, when passive ejection has left none of those, every healthy one not
-    /// yet tried: if all look bad, keep trying them rather than refuse the client outright.
-    /// Backends that checks or the supervisor took out (starting, unhealthy, not serving,
-    /// stopped) are never offered.
-    pub fn candidates(&self, now: Instant, tried: &[SocketAddr]) -> Vec<Arc<Backend>> {
+    /// The backends a new connection may go to, leaving out `tried` and those with `cap`
+    /// calls in flight: the healthy ones in rotation, or, when passive ejection has left
+    /// none of those, every healthy one not yet tried: if all look bad, keep trying them
+    /// rather than refuse the client outright. Backends that checks or the supervisor took
+    /// out (starting, unhealthy, not serving, draining, stopped) are never offered.
+    pub fn candidates(&self, now: Instant, tried: &Tried, cap: Option<usize>) -> Vec<Arc<Backend>> {
         // This runs for every connection (l4) or call (h2): one pass, one lock per backend.
         let snapshot = self.snapshot();
         let mut usable = Vec::with_capacity(snapshot.len());
         let mut ejected = Vec::new();
         for b in snapshot.iter() {
-            if tried.contains(&b.addr()) {
+            if cap.is_some_and(|cap| b.active() >= cap) {
                 continue;
             }
             let (takes_traffic, is_ejected) = {
                 let s = lock(&b.state);
+                if !tried.is_empty() && tried.has(b.addr(), s.health.generation) {
+                    continue;
+                }
                 (
                     s.health.health.takes_traffic(),
                     s.passive.ejected_until.is_some_and(|t| t > now),
@@ -459,6 +554,72 @@ impl BackendSet {
             }
         }
         if usable.is_empty() { ejected } else { usable }
+    }
+
+    /// Picks a backend for one call or connection and counts it there: `None` when none
+    /// can take it now (none in rotation, all tried, all at `cap`).
+    pub fn pick(
+        &self,
+        balancer: &Balancer,
+        tried: &Tried,
+        cap: Option<usize>,
+    ) -> Option<ActiveGuard> {
+        // With a cap, another pick may take the last place between the look and the count;
+        // then look again, a few times at most (the wait below catches the rest).
+        for _ in 0..4 {
+            let candidates = self.candidates(Instant::now(), tried, cap);
+            let i = balancer.pick(&candidates, |b| b.active())?;
+            if let Some(guard) = candidates[i].try_track(cap) {
+                return Some(guard);
+            }
+        }
+        None
+    }
+
+    /// [`BackendSet::pick`], waiting until `until` when no backend can take it now.
+    pub async fn pick_or_wait(
+        &self,
+        balancer: &Balancer,
+        tried: &Tried,
+        cap: Option<usize>,
+        until: Instant,
+    ) -> Result<ActiveGuard, Unplaced> {
+        if let Some(guard) = self.pick(balancer, tried, cap) {
+            return Ok(guard);
+        }
+        // Boxed: the slow path's state would otherwise widen every connection's task.
+        Box::pin(
+            self.capacity
+                .wait_for(until, || self.pick(balancer, tried, cap)),
+        )
+        .await
+        .map_err(|waited| Unplaced {
+            waited,
+            why: self.why_unplaced(tried, cap),
+        })
+    }
+
+    /// Calls or connections waiting for a backend now.
+    pub fn waiting(&self) -> usize {
+        self.capacity.waiting()
+    }
+
+    /// Why no backend can take a call now, for the message its client gets.
+    fn why_unplaced(&self, tried: &Tried, cap: Option<usize>) -> String {
+        let now = Instant::now();
+        let snapshot = self.snapshot();
+        let in_rotation: Vec<&Arc<Backend>> =
+            snapshot.iter().filter(|b| b.is_usable(now)).collect();
+        if in_rotation.is_empty() {
+            return "no backend is ready".to_owned();
+        }
+        if let Some(cap) = cap
+            && in_rotation.iter().all(|b| b.active() >= cap)
+        {
+            return format!("every ready backend has {cap} calls in flight (its cap)");
+        }
+        let tried = tried.len();
+        format!("every ready backend was tried ({tried} attempts) and failed")
     }
 
     /// How many backends are in rotation at `now`.
@@ -476,17 +637,11 @@ impl BackendSet {
     }
 
     /// Applies one health-check result to `backend`, logging a flip once.
-    pub fn record_check(
-        &self,
-        backend: &Backend,
-        result: &CheckResult,
-        thresholds: &Thresholds,
-        now: Instant,
-    ) {
-        let before = lock(&backend.state).health.observe(result, thresholds, now);
-        if let Some(before) = before {
-            log_flip(backend, before, backend.health(), Some(result));
-        }
+    pub fn record_check(&self, backend: &Backend, result: &CheckResult, now: Instant) {
+        let before = lock(&backend.state)
+            .health
+            .observe(result, &self.thresholds, now);
+        backend.changed(before, Some(result));
     }
 
     /// Records a successful connect: the backend's ejection streak starts over.
@@ -505,7 +660,17 @@ impl BackendSet {
         now: Instant,
     ) -> Option<Duration> {
         match failure {
-            ConnectFailure::Refused => backend.metrics.refused.increment(1),
+            ConnectFailure::Refused => {
+                backend.metrics.refused.increment(1);
+                // Nothing listens there: as good as a failed check, and worth checking
+                // again at once, so a dead backend leaves rotation within a second or two.
+                self.record_check(
+                    backend,
+                    &CheckResult::Fail(format!("data path: {error}")),
+                    now,
+                );
+                backend.recheck.notify_one();
+            }
             ConnectFailure::Timeout => backend.metrics.timeout.increment(1),
             ConnectFailure::Other => backend.metrics.other_error.increment(1),
         }
@@ -566,12 +731,25 @@ mod tests {
                 base_time: SEC,
                 max_time: 4 * SEC,
             },
+            Thresholds {
+                healthy: 2,
+                unhealthy: 3,
+            },
         )
     }
 
+    /// A connect that timed out: ejects, but says nothing certain about health.
     fn fail(set: &BackendSet, i: usize, now: Instant) -> Option<Duration> {
         let b = Arc::clone(&set.snapshot()[i]);
-        set.connect_failed(&b, ConnectFailure::Refused, "refused", now)
+        set.connect_failed(&b, ConnectFailure::Timeout, "timed out", now)
+    }
+
+    fn tried(set: &BackendSet, which: &[usize]) -> Tried {
+        let mut t = Tried::new();
+        for i in which {
+            t.add(&set.snapshot()[*i]);
+        }
+        t
     }
 
     #[test]
@@ -599,7 +777,11 @@ mod tests {
         let s = set(3);
         let now = Instant::now();
         fail(&s, 1, now);
-        let names: Vec<SocketAddr> = s.candidates(now, &[]).iter().map(|b| b.addr()).collect();
+        let names: Vec<SocketAddr> = s
+            .candidates(now, &Tried::new(), None)
+            .iter()
+            .map(|b| b.addr())
+            .collect();
         assert_eq!(names.len(), 2);
         assert!(!names.contains(&s.snapshot()[1].addr()));
         assert_eq!(s.usable(now + 2 * SEC), 3);
@@ -620,12 +802,101 @@ mod tests {
         let s = set(2);
         let now = Instant::now();
         fail(&s, 0, now);
-        let tried = [s.snapshot()[1].addr()];
-        let c = s.candidates(now, &tried);
+        let c = s.candidates(now, &tried(&s, &[1]), None);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].addr(), s.snapshot()[0].addr());
-        let all = [s.snapshot()[0].addr(), s.snapshot()[1].addr()];
-        assert!(s.candidates(now, &all).is_empty());
+        assert!(s.candidates(now, &tried(&s, &[0, 1]), None).is_empty());
+    }
+
+    #[test]
+    fn a_refused_connect_counts_as_a_failed_check() {
+        let s = set(2);
+        let now = Instant::now();
+        let b = Arc::clone(&s.snapshot()[0]);
+        s.record_check(&b, &CheckResult::Pass, now);
+        for _ in 0..2 {
+            s.connect_failed(&b, ConnectFailure::Refused, "refused", now);
+            assert_eq!(b.health(), Health::Healthy);
+            assert!(b.check_pace().1, "a failure streak is under way");
+        }
+        s.connect_failed(&b, ConnectFailure::Refused, "refused", now);
+        assert_eq!(b.health(), Health::Unhealthy);
+        assert_eq!(s.ready(now), 0);
+    }
+
+    #[test]
+    fn a_backend_tried_in_one_incarnation_is_offered_in_the_next() {
+        let s = set(1);
+        let now = Instant::now();
+        let b = Arc::clone(&s.snapshot()[0]);
+        let t = tried(&s, &[0]);
+        assert!(s.candidates(now, &t, None).is_empty());
+        // It fails, leaves rotation, and comes back: a new incarnation.
+        for _ in 0..3 {
+            s.record_check(&b, &CheckResult::Fail("down".into()), now);
+        }
+        assert!(s.candidates(now, &Tried::new(), None).is_empty());
+        for _ in 0..2 {
+            s.record_check(&b, &CheckResult::Pass, now);
+        }
+        assert_eq!(s.candidates(now, &t, None).len(), 1);
+    }
+
+    #[test]
+    fn a_backend_at_its_cap_takes_no_more() {
+        let s = set(2);
+        let balancer = Balancer::new(crate::balance::Balance::LeastConn);
+        let none = Tried::new();
+        let a = s.pick(&balancer, &none, Some(1));
+        let b = s.pick(&balancer, &none, Some(1));
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("two backends with a cap of 1 take two calls");
+        };
+        assert_ne!(a.backend().addr(), b.backend().addr());
+        assert!(s.pick(&balancer, &none, Some(1)).is_none());
+        assert_eq!(
+            s.why_unplaced(&none, Some(1)),
+            "every ready backend has 1 calls in flight (its cap)"
+        );
+        drop(a);
+        assert!(s.pick(&balancer, &none, Some(1)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_waits_for_a_backend_to_enter_rotation() {
+        let s = Arc::new(set(1));
+        let b = Arc::clone(&s.snapshot()[0]);
+        b.set_health(Health::Starting, Instant::now());
+        let waiter = {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move {
+                let balancer = Balancer::new(crate::balance::Balance::P2c);
+                let until = Instant::now() + 10 * SEC;
+                s.pick_or_wait(&balancer, &Tried::new(), None, until)
+                    .await
+                    .map(|g| g.backend().addr())
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(s.waiting(), 1);
+        s.record_check(&b, &CheckResult::Pass, Instant::now());
+        assert_eq!(waiter.await.ok(), Some(Ok(b.addr())));
+        assert_eq!(s.waiting(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_runs_out_says_why() {
+        let s = set(1);
+        let b = Arc::clone(&s.snapshot()[0]);
+        b.set_health(Health::Starting, Instant::now());
+        let balancer = Balancer::new(crate::balance::Balance::P2c);
+        let until = Instant::now() + 2 * SEC;
+        let r = s.pick_or_wait(&balancer, &Tried::new(), None, until).await;
+        let Err(unplaced) = r else {
+            panic!("nothing can take it");
+        };
+        assert_eq!(unplaced.waited, 2 * SEC);
+        assert_eq!(unplaced.why, "no backend is ready");
     }
 
     #[test]

@@ -31,8 +31,14 @@ pub enum Health {
     Unhealthy,
     /// Answered NOT_SERVING: drained, no new traffic.
     NotServing,
+    /// Leaving rotation for good (replaced by a restart, or portshare is stopping): no new
+    /// traffic; the calls and connections it has finish before its process is stopped.
+    Draining,
     /// A spawned worker that is not running (exited, or being restarted).
     Stopped,
+    /// A spawned worker that keeps exiting: restarted with its (capped) backoff while the
+    /// other workers serve.
+    CrashLoop,
 }
 
 impl Health {
@@ -49,8 +55,15 @@ impl Health {
             Health::Healthy => "healthy",
             Health::Unhealthy => "unhealthy",
             Health::NotServing => "not_serving",
+            Health::Draining => "draining",
             Health::Stopped => "stopped",
+            Health::CrashLoop => "crash_loop",
         }
+    }
+
+    /// Whether the supervisor alone moves it out of this state (checks only record).
+    fn held_by_supervisor(self) -> bool {
+        matches!(self, Health::Draining | Health::Stopped | Health::CrashLoop)
     }
 }
 
@@ -84,6 +97,8 @@ pub struct HealthState {
     failures: u32,
     /// The most recent check's result, for `/backends`.
     pub last_check: Option<String>,
+    /// Times it entered rotation: a call that one incarnation refused may try the next.
+    pub generation: u64,
 }
 
 impl HealthState {
@@ -95,7 +110,14 @@ impl HealthState {
             passes: 0,
             failures: 0,
             last_check: None,
+            generation: 0,
         }
+    }
+
+    /// Whether a ready backend has failed its latest check(s) without being taken out yet:
+    /// then it is checked at the short interval until it is decided (HAProxy's `fastinter`).
+    pub fn failing(&self) -> bool {
+        self.failures > 0
     }
 
     /// Moves to `health` (no-op if already there); returns the previous state on a change.
@@ -108,13 +130,17 @@ impl HealthState {
         self.since = now;
         self.passes = 0;
         self.failures = 0;
+        if health.takes_traffic() && !before.takes_traffic() {
+            self.generation += 1;
+        }
         Some(before)
     }
 
     /// Applies one check result under the thresholds; returns the previous state when it
     /// flipped. A backend in its first state (`unknown`, `starting`) flips on the first
     /// result, so a worker joins as soon as it answers; after that it takes a streak.
-    /// `stopped` belongs to the supervisor, and checks do not move it.
+    /// `draining`, `stopped` and `crash_loop` belong to the supervisor, and checks do not
+    /// move them.
     pub fn observe(
         &mut self,
         result: &CheckResult,
@@ -126,7 +152,7 @@ impl HealthState {
             CheckResult::NotServing => "NOT_SERVING".to_owned(),
             CheckResult::Fail(why) => why.clone(),
         });
-        if self.health == Health::Stopped {
+        if self.health.held_by_supervisor() {
             return None;
         }
         let fresh = matches!(self.health, Health::Unknown | Health::Starting);

@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{ActiveGuard, Backend, BackendSet, ConnectFailure};
+use crate::backend::{ActiveGuard, Backend, BackendSet, ConnectFailure, Tried};
 use crate::balance::Balancer;
 use crate::metrics as m;
 use crate::tls::Tls;
@@ -62,6 +62,12 @@ pub struct H2Config {
     pub connection_window: u32,
     /// How long a connect to a backend may take.
     pub connect_timeout: Duration,
+    /// How long a call may wait for a backend that can take it (none ready, or all at
+    /// their cap) before it ends UNAVAILABLE; a call's own deadline ends the wait sooner.
+    pub queue_timeout: Duration,
+    /// Calls in flight one backend may have; beyond it, calls wait for a free one. `None`:
+    /// no cap.
+    pub max_calls_per_backend: Option<usize>,
 }
 
 /// The h2-mode proxy, shared by every connection.
@@ -269,19 +275,43 @@ impl H2Proxy {
         let mut unsent = None;
         // A refused call is sent again at most once.
         let mut replayed = false;
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut tried = Tried::new();
         let mut last = String::from("no backend is ready");
+        let queue_until = started + self.config.queue_timeout;
+        let wait_until = deadline.map_or(queue_until, |d| d.min(queue_until));
+        let cap = self.config.max_calls_per_backend;
         for attempt in 0..self.config.attempts {
-            let candidates = self.backends.candidates(Instant::now(), &tried);
-            let Some(i) = self.balancer.pick(&candidates, |b| b.active()) else {
-                break;
+            let guard = match self
+                .backends
+                .pick_or_wait(&self.balancer, &tried, cap, wait_until)
+                .await
+            {
+                Ok(guard) => guard,
+                Err(unplaced) => {
+                    let waited = format!("{:.1?}", unplaced.waited);
+                    let (code, why) = if deadline.is_some_and(|d| d <= queue_until) {
+                        (Code::DeadlineExceeded, "deadline exceeded")
+                    } else {
+                        (Code::Unavailable, "no backend could take the call")
+                    };
+                    let detail = if tried.is_empty() {
+                        unplaced.why
+                    } else {
+                        format!("{}; last: {last}", unplaced.why)
+                    };
+                    return self.finish_early(
+                        None,
+                        started,
+                        code,
+                        &format!("portshare: {why} after waiting {waited} ({detail})"),
+                    );
+                }
             };
-            let backend = Arc::clone(&candidates[i]);
+            let backend = Arc::clone(guard.backend());
             if attempt > 0 {
                 counter!(m::CALL_RETRIES).increment(1);
             }
-            let guard = backend.track();
-            tried.push(backend.addr());
+            tried.add(&backend);
             let Some(got) = by_deadline(deadline, self.pool.get(&backend)).await else {
                 return self.finish_early(
                     Some(&backend),
@@ -563,6 +593,8 @@ mod tests {
                 stream_window: 65_535,
                 connection_window: 65_535,
                 connect_timeout: second,
+                queue_timeout: second,
+                max_calls_per_backend: None,
             },
             BackendSet::empty(),
             Balancer::new(Balance::P2c),

@@ -112,8 +112,13 @@ async fn check_loop(
     let mut probe = Probe::new(&config.kind, backend.addr());
     let kind = config.kind.to_string();
     loop {
-        let health = backend.health();
-        if health != Health::Stopped {
+        let (health, _) = backend.check_pace();
+        // A worker that is not running, or one the supervisor is draining, has nothing to
+        // tell a check.
+        if !matches!(
+            health,
+            Health::Stopped | Health::CrashLoop | Health::Draining
+        ) {
             let started = Instant::now();
             let result = tokio::select! {
                 () = stop.cancelled() => return,
@@ -128,19 +133,60 @@ async fn check_loop(
             };
             counter!(m::HEALTH_CHECKS, "backend" => backend.name().to_owned(), "result" => outcome)
                 .increment(1);
-            set.record_check(&backend, &result, &config.thresholds, Instant::now());
+            set.record_check(&backend, &result, Instant::now());
         }
-        let pause = match backend.health() {
-            Health::Starting | Health::Stopped => STARTING_INTERVAL,
-            Health::Healthy | Health::Unknown => config.interval,
-            Health::Unhealthy | Health::NotServing => config.unhealthy_interval,
-        };
+        let pause = pace(backend.check_pace(), &config);
         // Up to 10% of jitter, so checks of many backends do not move in lockstep.
         let jitter = pause.mul_f64(fastrand::f64() * 0.1);
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(pause + jitter) => {}
-            () = backend.worker_started_signal() => {}
+            () = backend.recheck_requested() => {}
         }
+    }
+}
+
+/// The time to the next check: short while a worker boots; `unhealthy_interval` while a
+/// backend is out of rotation *or* has begun failing (so a dead backend is decided within
+/// a couple of seconds, HAProxy's `fastinter`); the regular `interval` otherwise.
+fn pace((health, failing): (Health, bool), config: &HealthConfig) -> Duration {
+    match health {
+        Health::Starting | Health::Stopped | Health::CrashLoop => STARTING_INTERVAL,
+        Health::Healthy | Health::Unknown if failing => config.unhealthy_interval,
+        Health::Healthy | Health::Unknown | Health::Draining => config.interval,
+        Health::Unhealthy | Health::NotServing => config.unhealthy_interval,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ready_backend_that_begins_failing_is_checked_at_the_short_interval() {
+        let config = HealthConfig {
+            kind: CheckKind::Tcp,
+            interval: Duration::from_secs(5),
+            unhealthy_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            thresholds: Thresholds {
+                healthy: 2,
+                unhealthy: 3,
+            },
+        };
+        assert_eq!(pace((Health::Healthy, false), &config), config.interval);
+        assert_eq!(
+            pace((Health::Healthy, true), &config),
+            config.unhealthy_interval
+        );
+        assert_eq!(
+            pace((Health::Unknown, true), &config),
+            config.unhealthy_interval
+        );
+        assert_eq!(
+            pace((Health::Unhealthy, false), &config),
+            config.unhealthy_interval
+        );
+        assert_eq!(pace((Health::Starting, false), &config), STARTING_INTERVAL);
     }
 }

@@ -1,6 +1,7 @@
 //! Spawned workers: start N copies of the worker command on their own ports, watch them,
-//! restart the ones that exit (with jittered exponential backoff), end portshare on a crash
-//! loop, and stop them cleanly (SIGTERM, then SIGKILL after a grace period).
+//! restart the ones that exit (with jittered exponential backoff), end portshare when every
+//! worker is in a crash loop (see `crash`), and stop them cleanly (SIGTERM, then SIGKILL after
+//! a grace period).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -56,7 +57,8 @@ pub struct WorkersConfig {
     pub restart_backoff: Duration,
     /// Longest delay before a restart.
     pub restart_backoff_max: Duration,
-    /// This many exits of one worker within `crash_loop_window` end portshare.
+    /// This many exits of one worker within `crash_loop_window` make a crash loop (which
+    /// ends portshare only when every worker is in one and none is ready).
     pub crash_loop_restarts: u32,
     /// See `crash_loop_restarts`; a worker that ran this long also starts its backoff over.
     pub crash_loop_window: Duration,
@@ -65,6 +67,7 @@ pub struct WorkersConfig {
     pub ready_timeout: Duration,
 }
 
+mod crash;
 #[cfg(unix)]
 mod unix;
 #[cfg(unix)]
@@ -74,7 +77,6 @@ mod windows;
 #[cfg(windows)]
 use windows as platform;
 
-use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{ExitStatus, Stdio};
@@ -92,6 +94,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, Health, WorkerIndex};
 use crate::backoff::Backoff;
 use crate::metrics as m;
+pub use crash::CrashLoop;
+use crash::Fleet;
 
 /// Workers listen on loopback; portshare is their only client.
 pub const WORKER_HOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -118,20 +122,6 @@ pub enum SupervisorError {
     /// The Job Object (Windows) could not be set up.
     #[error("cannot set up worker process control: {0}")]
     Platform(#[source] io::Error),
-}
-
-/// A worker exited too often: portshare must end so the orchestrator sees it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("worker {index} exited {exits} times within {window:?} (last: {last_exit}); giving up")]
-pub struct CrashLoop {
-    /// Which worker.
-    pub index: WorkerIndex,
-    /// Its exits within the window.
-    pub exits: usize,
-    /// The window.
-    pub window: Duration,
-    /// How it last ended.
-    pub last_exit: String,
 }
 
 /// Checks that a port is free by binding it, as a worker will; the socket is closed at once.
@@ -220,7 +210,8 @@ pub struct Supervisor {
     tasks: JoinSet<()>,
     /// Tells the watchers to stop their workers.
     stop: CancellationToken,
-    /// Receives the first crash loop; taken by [`Supervisor::crashes`].
+    /// Receives the verdict that every worker is crash-looping; taken by
+    /// [`Supervisor::crashes`].
     crashes: Option<mpsc::Receiver<CrashLoop>>,
     /// Each worker's backend and the channel that asks its watcher for a restart.
     workers: Vec<(Arc<Backend>, mpsc::Sender<Restart>)>,
@@ -269,6 +260,16 @@ impl Supervisor {
         let (crash_tx, crashes) = mpsc::channel(1);
         let mut tasks = JoinSet::new();
         let mut workers = Vec::new();
+        let spawned: Vec<Arc<Backend>> = backends
+            .iter()
+            .filter(|b| b.worker().is_some())
+            .cloned()
+            .collect();
+        let fleet = Fleet::new(
+            &spawned,
+            config.crash_loop_restarts,
+            config.crash_loop_window,
+        );
         for backend in backends {
             let Some(index) = backend.worker() else {
                 continue;
@@ -282,6 +283,7 @@ impl Supervisor {
                 guard: Arc::clone(&guard),
                 stop: stop.clone(),
                 crash: crash_tx.clone(),
+                fleet: Arc::clone(&fleet),
             };
             tasks.spawn(watcher.run(restart_rx));
             workers.push((Arc::clone(backend), restart_tx));
@@ -387,41 +389,6 @@ const LEAVE_ROTATION_DELAY: Duration = Duration::from_millis(100);
 /// How often a rolling restart looks whether the restarted worker is ready.
 const READY_POLL: Duration = Duration::from_millis(50);
 
-/// Exits of one worker within the crash-loop window.
-#[derive(Debug)]
-struct ExitHistory {
-    /// Exits within the window that make a crash loop.
-    limit: usize,
-    /// The window.
-    window: Duration,
-    /// Exit times within the window, oldest first.
-    exits: VecDeque<Instant>,
-}
-
-impl ExitHistory {
-    fn new(limit: u32, window: Duration) -> Self {
-        Self {
-            limit: limit as usize,
-            window,
-            exits: VecDeque::new(),
-        }
-    }
-
-    /// Records an exit at `at`; returns the number of exits in the window when that is a
-    /// crash loop.
-    fn record(&mut self, at: Instant) -> Option<usize> {
-        self.exits.push_back(at);
-        while self
-            .exits
-            .front()
-            .is_some_and(|t| at.saturating_duration_since(*t) > self.window)
-        {
-            self.exits.pop_front();
-        }
-        (self.exits.len() >= self.limit).then_some(self.exits.len())
-    }
-}
-
 /// Watches one worker: starts it, waits for it to exit, restarts it.
 struct Watcher {
     index: WorkerIndex,
@@ -430,7 +397,10 @@ struct Watcher {
     backend: Arc<Backend>,
     guard: Arc<platform::Guard>,
     stop: CancellationToken,
+    /// Where the verdict that ends portshare goes.
     crash: mpsc::Sender<CrashLoop>,
+    /// Every worker's exits, for that verdict.
+    fleet: Arc<Fleet>,
 }
 
 /// Why a running worker's wait ended.
@@ -447,10 +417,6 @@ impl Watcher {
     async fn run(self, mut restarts_asked: mpsc::Receiver<Restart>) {
         let mut backoff =
             Backoff::new(self.config.restart_backoff, self.config.restart_backoff_max);
-        let mut history = ExitHistory::new(
-            self.config.crash_loop_restarts,
-            self.config.crash_loop_window,
-        );
         let up = gauge!(m::WORKER_UP, "worker" => self.index.to_string());
         let restarts = counter!(m::WORKER_RESTARTS, "worker" => self.index.to_string());
         let mut first = true;
@@ -517,13 +483,7 @@ impl Watcher {
                 }
             };
             if self
-                .after_exit(
-                    &mut history,
-                    &mut backoff,
-                    started,
-                    last_exit,
-                    &mut restarts_asked,
-                )
+                .after_exit(&mut backoff, started, last_exit, &mut restarts_asked)
                 .await
                 .is_err()
             {
@@ -533,10 +493,9 @@ impl Watcher {
     }
 
     /// After an unplanned exit: crash-loop accounting, then the backoff pause. `Err` means
-    /// stop watching (crash loop, or portshare is stopping).
+    /// stop watching (every worker is crash-looping, or portshare is stopping).
     async fn after_exit(
         &self,
-        history: &mut ExitHistory,
         backoff: &mut Backoff,
         started: Instant,
         last_exit: String,
@@ -547,17 +506,27 @@ impl Watcher {
         if now.saturating_duration_since(started) >= self.config.crash_loop_window {
             backoff.reset();
         }
-        if let Some(exits) = history.record(now) {
+        let (looping, fleet_down) = self.fleet.exited(&self.backend, now);
+        if fleet_down {
             let _ = self.crash.try_send(CrashLoop {
                 index: self.index,
-                exits,
+                exits: looping.unwrap_or(0),
                 window: self.config.crash_loop_window,
                 last_exit,
             });
             return Err(());
         }
         let pause = backoff.next_delay();
-        tracing::info!(worker = %self.index, restart_in = ?pause, "restarting worker");
+        match looping {
+            Some(exits) => {
+                // Out of rotation already; the others serve while this one is retried.
+                self.backend.set_health(Health::CrashLoop, now);
+                tracing::error!(worker = %self.index, exits, window = ?self.config.crash_loop_window,
+                    last_exit = %last_exit, restart_in = ?pause,
+                    "worker is in a crash loop: restarting it with backoff while the other workers serve");
+            }
+            None => tracing::info!(worker = %self.index, restart_in = ?pause, "restarting worker"),
+        }
         self.pause(pause, restarts_asked).await
     }
 
@@ -669,31 +638,6 @@ async fn relay(from: impl AsyncRead + Unpin, index: WorkerIndex, stream: Stream)
                     Stream::Stderr => writeln!(io::stderr().lock(), "[worker {index}] {text}"),
                 };
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SEC: Duration = Duration::from_secs(1);
-
-    #[test]
-    fn a_crash_loop_is_so_many_exits_within_the_window() {
-        let t0 = Instant::now();
-        let mut h = ExitHistory::new(3, 10 * SEC);
-        assert_eq!(h.record(t0), None);
-        assert_eq!(h.record(t0 + SEC), None);
-        assert_eq!(h.record(t0 + 2 * SEC), Some(3));
-    }
-
-    #[test]
-    fn exits_spread_wider_than_the_window_are_no_crash_loop() {
-        let t0 = Instant::now();
-        let mut h = ExitHistory::new(3, 10 * SEC);
-        for i in 0..20 {
-            assert_eq!(h.record(t0 + i * 6 * SEC), None, "exit {i}");
         }
     }
 }

@@ -203,16 +203,50 @@ def cmd_one_channel(args, stub):
     return {"workers": dict(workers), "errors": errors, "calls": args.calls}
 
 
-def cmd_steady(args, stub):
-    """A steady client: one channel, unary calls back to back for --seconds (at most
-    --calls), as a long-lived production client would make them."""
+def cmd_parallel(args, stub):
+    """--calls unary calls at once on one channel, each sleeping --sleep-ms in the worker."""
+    import threading
     import time
     workers, errors = Counter(), []
+    lock = threading.Lock()
+
+    def one():
+        try:
+            reply = stub.Unary(protos.EchoRequest(payload=b"x", sleep_ms=args.sleep_ms),
+                               timeout=args.timeout)
+            with lock:
+                workers[reply.worker] += 1
+        except grpc.RpcError as err:
+            with lock:
+                errors.append(f"{err.code().name}: {err.details()}")
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=one) for _ in range(args.calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"workers": dict(workers), "errors": errors, "calls": args.calls,
+            "seconds": time.monotonic() - started}
+
+
+def cmd_steady(args, stub):
+    """A steady client: one channel, unary calls back to back for --seconds (at most
+    --calls), as a long-lived production client would make them; with --fresh-channels,
+    a new channel (so a new connection) for every call, as short-lived clients do."""
+    import time
+    workers, errors = Counter(), []
+    fresh = None
     deadline = time.monotonic() + args.seconds
     made = 0
     kinds = ["unary", "server", "client", "bidi"] if args.all_kinds else ["unary"]
     while made < args.calls and time.monotonic() < deadline:
         kind = kinds[made % len(kinds)]
+        if args.fresh_channels:
+            if fresh is not None:
+                fresh.close()
+            fresh = channel(args.target)
+            stub = services.EchoStub(fresh)
         try:
             if kind == "unary":
                 replies = [stub.Unary(protos.EchoRequest(payload=b"x"), timeout=args.timeout)]
@@ -233,6 +267,8 @@ def cmd_steady(args, stub):
             errors.append(f"{kind}: {err.code().name}: {err.details()}")
         made += 1
         time.sleep(args.pause_ms / 1000)
+    if fresh is not None:
+        fresh.close()
     return {"workers": dict(workers), "errors": errors, "calls": made}
 
 
@@ -291,8 +327,14 @@ def parse_args(argv):
     p.add_argument("--pause-ms", type=float, default=5.0)
     p.add_argument("--all-kinds", action="store_true",
                    help="rotate unary, server-, client- and bidi-streaming calls")
+    p.add_argument("--fresh-channels", action="store_true",
+                   help="a new channel (connection) for every call")
     p.set_defaults(run=cmd_steady)
 
+    p = sub.add_parser("parallel", parents=[common])
+    p.add_argument("--calls", type=int, default=4)
+    p.add_argument("--sleep-ms", type=int, default=500)
+    p.set_defaults(run=cmd_parallel)
     p = sub.add_parser("one-channel", parents=[common])
     p.add_argument("--calls", type=int, default=10)
     p.set_defaults(run=cmd_one_channel)

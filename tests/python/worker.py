@@ -3,13 +3,17 @@
 
 Protocol with the tests:
   stdout: exactly one line "PORT <n>" once the server is listening.
-  stderr: "CALL <Method> <peer>" when a call starts and
+  stderr: "CALL <Method> <peer>" when a call starts,
+          "INFLIGHT <n>" right after it: the calls this worker has in flight then, and
           "CANCELLED <Method>" when the client cancels it or its deadline hits,
           so a test can tell when a call is in flight or was torn down.
   SIGTERM/SIGINT: graceful stop (in-flight calls get --grace seconds), exit 0.
   SIGUSR1 / SIGUSR2 (Unix): the health service turns NOT_SERVING / SERVING.
   --stall-index N: the worker whose PORTSHARE_WORKER_INDEX is N never listens
           (a worker that never becomes ready).
+  --crash-index N: the worker whose PORTSHARE_WORKER_INDEX is N exits with code 3 at
+          once (a worker in a crash loop).
+  --bind-delay S: wait S seconds before listening (a worker that is slow to boot).
 """
 
 import argparse
@@ -65,6 +69,7 @@ class Call:
         self.finished = False
         self.cancelled = threading.Event()
         log(f"CALL {method} {context.peer()}")
+        log(f"INFLIGHT {worker.enter()}")
         if not context.add_callback(self._on_done):
             self._on_done()  # already terminated: the callback would never run
         # Headers first, so a client learns which worker took the call even if
@@ -74,6 +79,7 @@ class Call:
         context.set_trailing_metadata((("x-trailer", f"done-{worker.name}"),))
 
     def _on_done(self):
+        self.worker.leave()
         if not self.finished:
             self.cancelled.set()
             log(f"CANCELLED {self.method}")
@@ -114,6 +120,18 @@ class Call:
 class EchoWorker(services.EchoServicer):
     def __init__(self, name):
         self.name = name
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+
+    def enter(self):
+        """Counts a call in; returns how many are in flight now."""
+        with self._in_flight_lock:
+            self._in_flight += 1
+            return self._in_flight
+
+    def leave(self):
+        with self._in_flight_lock:
+            self._in_flight -= 1
 
     @staticmethod
     def metadata_of(context):
@@ -190,7 +208,15 @@ def main():
                         help="seconds in-flight calls get to finish on SIGTERM/SIGINT")
     parser.add_argument("--stall-index", default=None,
                         help="if PORTSHARE_WORKER_INDEX equals this, never start listening")
+    parser.add_argument("--crash-index", default=None,
+                        help="if PORTSHARE_WORKER_INDEX equals this, exit 3 at once")
+    parser.add_argument("--bind-delay", type=float, default=0.0,
+                        help="seconds to wait before listening")
     args = parser.parse_args()
+
+    if args.crash_index is not None and os.environ.get("PORTSHARE_WORKER_INDEX") == args.crash_index:
+        print(f"worker {args.name}: crashing on purpose", file=sys.stderr, flush=True)
+        return 3
 
     if args.stall_index is not None and os.environ.get("PORTSHARE_WORKER_INDEX") == args.stall_index:
         print(f"worker {args.name}: stalling on purpose, never listening", file=sys.stderr, flush=True)
@@ -233,6 +259,10 @@ def main():
                       lambda *_: set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         signal.signal(signal.SIGUSR2,
                       lambda *_: set_health(health_pb2.HealthCheckResponse.SERVING))
+
+    if args.bind_delay > 0:
+        if stop.wait(args.bind_delay):
+            return 0
 
     address = f"{args.host}:{args.port}"
     try:

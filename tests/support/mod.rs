@@ -397,6 +397,60 @@ impl Proxy {
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).expect("backends JSON")
     }
+
+    /// Every backend's state, in `/backends` order.
+    pub fn states(&self) -> Vec<String> {
+        self.backends()
+            .iter()
+            .map(|b| b["state"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    }
+
+    /// Whether every backend is healthy.
+    pub fn all_healthy(&self) -> bool {
+        self.states().iter().all(|s| s == "healthy")
+    }
+
+    /// The pids of the running workers.
+    pub fn pids(&self) -> Vec<u32> {
+        self.backends()
+            .iter()
+            .filter_map(|b| b["pid"].as_u64())
+            .map(|p| p as u32)
+            .collect()
+    }
+
+    /// The `/backends` entry of spawned worker `index` (the first, if it has two).
+    pub fn worker_entry(&self, index: u64) -> Value {
+        self.backends()
+            .into_iter()
+            .find(|b| b["worker"].as_u64() == Some(index))
+            .expect("worker listed")
+    }
+
+    /// Lines of spawned worker `index`'s output (without the `[worker N] ` prefix).
+    pub fn worker_lines(&self, index: u64) -> Vec<String> {
+        let prefix = format!("[worker {index}] ");
+        self.log
+            .all()
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .collect()
+    }
+}
+
+/// portshare spawning `n` test workers (see [`spawn_args`]), with `flags` before them and
+/// `env` for portshare.
+pub fn spawned(
+    n: usize,
+    extra_worker_args: &[&str],
+    env: &[(&str, &str)],
+    flags: &[&str],
+) -> Proxy {
+    let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    args.extend(spawn_args(n, extra_worker_args));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proxy::start_env(&refs, env)
 }
 
 impl Drop for Proxy {

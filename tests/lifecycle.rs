@@ -1,0 +1,220 @@
+//! Worker lifecycle without a failed call: calls made while no worker can take them wait
+//! for one (workers still starting, the only worker restarting, every worker at its cap),
+//! a dead backend leaves rotation within seconds, and one crash-looping worker does not
+//! take the healthy ones down. Real grpcio workers behind the real binary, in both modes.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Proxy, Worker, client, client_spawn, eventually, spawned};
+
+const MODES: [&str; 2] = ["l4", "h2"];
+
+fn errors(r: &Value) -> Vec<String> {
+    r["errors"]
+        .as_array()
+        .map(|e| e.iter().map(|v| v.to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// A call made while every worker is still booting waits for the first one to be ready.
+#[test]
+fn a_call_made_before_any_worker_is_ready_waits_and_succeeds() {
+    for mode in MODES {
+        let proxy = spawned(2, &["--bind-delay", "3"], &[], &["--mode", mode]);
+        // The test means something only if no worker is ready when the call is made.
+        let states = proxy.states();
+        assert!(
+            states.iter().all(|s| s != "healthy"),
+            "{mode}: a worker was ready already: {states:?}"
+        );
+        let started = Instant::now();
+        let r = client(&["unary", "--target", &proxy.target(), "--timeout", "20"]);
+        assert_eq!(r["code"], "OK", "{mode}: {r}");
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "{mode}: answered in {:?}, before a worker could be ready",
+            started.elapsed()
+        );
+        assert!(
+            proxy.metric("portshare_queue_wait_seconds_count") >= 1.0,
+            "{mode}: the call did not wait in the queue"
+        );
+        assert_eq!(proxy.metric("portshare_queue_waiting"), 0.0, "{mode}");
+    }
+}
+
+/// kill -9 of the only worker: calls started after the kill are held until the
+/// replacement is ready, then served by it; none fails.
+#[cfg(unix)]
+#[test]
+fn calls_after_the_only_worker_is_killed_wait_for_its_replacement() {
+    for mode in MODES {
+        let proxy = spawned(1, &[], &[], &["--mode", mode]);
+        eventually(Duration::from_secs(30), "the worker is ready", || {
+            proxy.all_healthy()
+        });
+        // The long-lived channel is connected before the kill (in l4 its connection dies
+        // with the worker; grpcio then reconnects, which is a new connection to hold).
+        let target = proxy.target();
+        let old = proxy.pids();
+        support::signal(old[0], "KILL");
+        let steady = client_spawn(&["steady", "--target", &target, "--seconds", "4"]);
+        let fresh = client_spawn(&[
+            "steady",
+            "--target",
+            &target,
+            "--seconds",
+            "4",
+            "--fresh-channels",
+            "--pause-ms",
+            "20",
+        ]);
+        for (kind, r) in [
+            ("one channel", support::client_result(steady)),
+            ("fresh", support::client_result(fresh)),
+        ] {
+            assert!(errors(&r).is_empty(), "{mode}, {kind}: {r}");
+            assert!(r["calls"].as_u64() > Some(10), "{mode}, {kind}: {r}");
+        }
+        let now = proxy.pids();
+        assert!(now.len() == 1 && now != old, "{mode}: {old:?} -> {now:?}");
+        assert!(
+            proxy.metric("portshare_queue_wait_seconds_count") >= 1.0,
+            "{mode}: no call waited for the replacement"
+        );
+    }
+}
+
+/// The highest `INFLIGHT n` a worker reported.
+fn most_in_flight(proxy: &Proxy, index: u64) -> u64 {
+    proxy
+        .worker_lines(index)
+        .iter()
+        .filter_map(|l| l.strip_prefix("INFLIGHT ")?.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// `[h2] max_calls_per_backend`: a worker at its cap gets no more calls; when all are at
+/// their cap, calls wait for a free one, and all succeed.
+#[test]
+fn a_backend_at_its_cap_takes_no_more_calls_and_the_rest_wait() {
+    let proxy = spawned(
+        2,
+        &[],
+        &[],
+        &["--mode", "h2", "--max-calls-per-backend", "1"],
+    );
+    eventually(Duration::from_secs(30), "workers ready", || {
+        proxy.all_healthy()
+    });
+    let r = client(&[
+        "parallel",
+        "--target",
+        &proxy.target(),
+        "--calls",
+        "6",
+        "--sleep-ms",
+        "400",
+    ]);
+    assert!(errors(&r).is_empty(), "{r}");
+    let served: u64 = ["w0", "w1"]
+        .iter()
+        .map(|w| r["workers"][w].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(served, 6, "{r}");
+    for w in 0..2 {
+        assert_eq!(
+            most_in_flight(&proxy, w),
+            1,
+            "worker {w} went beyond its cap"
+        );
+    }
+    // Six 400 ms calls, two at a time: three rounds.
+    assert!(r["seconds"].as_f64() >= Some(1.1), "{r}");
+    assert!(proxy.metric("portshare_queue_wait_seconds_count") >= 4.0);
+
+    // Without a cap the same load runs side by side: the measure above can fail.
+    let free = spawned(1, &[], &[], &["--mode", "h2"]);
+    eventually(Duration::from_secs(30), "worker ready", || {
+        free.all_healthy()
+    });
+    let r = client(&["parallel", "--target", &free.target(), "--calls", "3"]);
+    assert!(errors(&r).is_empty(), "{r}");
+    eventually(
+        Duration::from_secs(5),
+        "the worker logged its calls",
+        || most_in_flight(&free, 0) > 1,
+    );
+}
+
+/// A static backend that dies leaves rotation within 5 s at the default check settings:
+/// a refused connect on the data path counts as a failed check, and a failing backend is
+/// checked at the short interval until it is decided.
+#[test]
+fn a_dead_static_backend_leaves_rotation_within_five_seconds() {
+    for mode in MODES {
+        let mut workers = Worker::start_many(&["s0"]);
+        let addr = workers[0].addr();
+        let proxy = Proxy::start(&["--mode", mode, "--backend", &addr]);
+        eventually(Duration::from_secs(10), "the backend is healthy", || {
+            proxy.all_healthy()
+        });
+        assert_eq!(proxy.admin_get("/readyz").0, 200);
+        drop(workers.remove(0));
+        let died = Instant::now();
+        // Clients keep trying meanwhile (short calls that give up quickly).
+        let tries = client_spawn(&[
+            "steady",
+            "--target",
+            &proxy.target(),
+            "--seconds",
+            "6",
+            "--timeout",
+            "0.5",
+            "--fresh-channels",
+            "--pause-ms",
+            "100",
+        ]);
+        eventually(Duration::from_secs(5), "the dead backend is out", || {
+            proxy.admin_get("/readyz").0 == 503
+        });
+        let took = died.elapsed();
+        assert!(took < Duration::from_secs(5), "{mode}: took {took:?}");
+        assert_eq!(proxy.states(), ["unhealthy"], "{mode}");
+        let _ = support::collect(tries, Duration::from_secs(20));
+    }
+}
+
+/// One worker of two crash-loops: it is restarted with backoff and reported, while the
+/// other goes on serving, for a minute and more; portshare does not exit.
+#[test]
+fn a_crash_looping_worker_does_not_take_the_healthy_one_down() {
+    let mut proxy = spawned(
+        2,
+        &["--crash-index", "1"],
+        &[
+            ("PORTSHARE_WORKERS__RESTART_BACKOFF", "50ms"),
+            ("PORTSHARE_WORKERS__RESTART_BACKOFF_MAX", "2s"),
+        ],
+        &["--mode", "h2"],
+    );
+    eventually(Duration::from_secs(30), "worker 0 ready", || {
+        proxy.worker_entry(0)["state"] == "healthy"
+    });
+    let r = client(&["steady", "--target", &proxy.target(), "--seconds", "62"]);
+    assert!(errors(&r).is_empty(), "{r}");
+    assert!(r["calls"].as_u64() > Some(100), "{r}");
+    assert!(proxy.is_running(), "portshare ended");
+    assert!(
+        proxy.log.contains("worker is in a crash loop"),
+        "the crash loop was not reported"
+    );
+    let w1 = proxy.worker_entry(1);
+    assert!(w1["restarts"].as_u64() >= Some(5), "{w1}");
+    assert_ne!(w1["state"], "healthy", "{w1}");
+    assert_eq!(r["workers"]["w0"].as_u64(), r["calls"].as_u64(), "{r}");
+}
