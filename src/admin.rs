@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::BackendSet;
 use crate::backoff::Backoff;
+use crate::control::Control;
+use crate::supervisor::RestartOutcome;
+use tokio::sync::oneshot;
 
 /// A scraper or probe that has not sent its request headers by then is cut off, so idle
 /// admin connections cannot pile up.
@@ -37,7 +40,7 @@ pub struct AdminState {
     /// sending new work while the drain runs.
     pub draining: CancellationToken,
     /// Asks for a rolling restart of spawned workers; `None` when there are none.
-    pub restart: Option<tokio::sync::mpsc::Sender<crate::control::Control>>,
+    pub restart: Option<tokio::sync::mpsc::Sender<Control>>,
 }
 
 /// Serves the admin endpoints until `stop` is cancelled.
@@ -62,7 +65,12 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
+                async move {
+                    if req.uri().path() == "/workers/restart" {
+                        return Ok::<_, Infallible>(restart_workers(&state, &req).await);
+                    }
+                    Ok(route(&state, &req))
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -94,9 +102,6 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.uri().path() == "/workers/restart" {
-        return restart_workers(state, req);
-    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
     }
@@ -141,17 +146,35 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// `POST /workers/restart`: what SIGHUP does, for platforms without it.
-fn restart_workers(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// `POST /workers/restart`: what SIGHUP does, for platforms without it; answers once the
+/// rolling restart is over: 200 when every running worker was replaced, 500 when a
+/// replacement failed (its old process keeps serving), 409 when one is under way already.
+async fn restart_workers(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
     }
-    match &state.restart {
-        None => text(StatusCode::CONFLICT, "no spawned workers to restart\n"),
-        Some(tx) => {
-            // A full channel means one request is already waiting: this one adds nothing.
-            let _ = tx.try_send(crate::control::Control::Reload);
-            text(StatusCode::ACCEPTED, "rolling restart requested\n")
+    let Some(tx) = &state.restart else {
+        return text(StatusCode::CONFLICT, "no spawned workers to restart\n");
+    };
+    let (done_tx, done_rx) = oneshot::channel();
+    if tx.try_send(Control::Reload(Some(done_tx))).is_err() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests waiting; try again\n",
+        );
+    }
+    match done_rx.await {
+        Ok(RestartOutcome::Done(what)) => {
+            text(StatusCode::OK, format!("rolling restart done: {what}\n"))
         }
+        Ok(RestartOutcome::Failed(why)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rolling restart failed: {why}\n"),
+        ),
+        Ok(RestartOutcome::AlreadyRunning) => text(
+            StatusCode::CONFLICT,
+            "a rolling restart is already under way\n",
+        ),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "portshare is stopping\n"),
     }
 }

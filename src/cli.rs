@@ -24,8 +24,9 @@ pub enum Command {
     Check,
     /// Print the backends of a running portshare as a table, from its admin endpoint (--admin).
     Status,
-    /// Restart a running portshare's spawned workers one at a time, via its admin endpoint
-    /// (--admin): what SIGHUP does, also on Windows.
+    /// Replace a running portshare's spawned workers one at a time, via its admin endpoint
+    /// (--admin): what SIGHUP does, also on Windows. Waits until it is over; exit 1 if a
+    /// replacement failed.
     Restart,
     /// Exit 0 if a running portshare's admin endpoint (--admin) answers /readyz with 200,
     /// else 1: a container health check that needs no curl.
@@ -91,7 +92,8 @@ pub struct Opts {
     /// Spawn and supervise N workers running COMMAND (given after `--`).
     #[arg(long, global = true, value_name = "N")]
     pub workers: Option<u64>,
-    /// Worker i listens on P+i; 0 picks free ports [default: listen port + 1].
+    /// Worker i listens on P+i and its replacement in a rolling restart on P+N+i (N workers
+    /// take 2N ports); 0 picks free ports [default: listen port + 1].
     #[arg(long, global = true, value_name = "P")]
     pub worker_port_base: Option<u64>,
     /// The worker command and its arguments; `{port}` becomes the worker's port and

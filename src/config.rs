@@ -792,18 +792,22 @@ impl RawWorkers {
             })?,
         };
         if port_base != 0 {
-            let last = u32::from(port_base) + count as u32 - 1;
+            // Each worker has a spare port for its replacement in a surge restart.
+            let last = u32::from(port_base) + 2 * count as u32 - 1;
             if last > u32::from(u16::MAX) {
                 return Err(err(
                     "workers.port_base",
-                    format!("{count} workers from port {port_base} run past port 65535"),
+                    format!(
+                        "{count} workers take {} ports (one spare each for restarts); from port {port_base} they run past port 65535",
+                        2 * count
+                    ),
                 ));
             }
             if (u32::from(port_base)..=last).contains(&u32::from(listen.port())) {
                 return Err(err(
                     "workers.port_base",
                     format!(
-                        "worker ports {port_base}-{last} include the listen port {}",
+                        "worker ports {port_base}-{last} (one spare each for restarts) include the listen port {}",
                         listen.port()
                     ),
                 ));

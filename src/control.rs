@@ -2,16 +2,17 @@
 //! a reload, SIGUSR1/SIGUSR2 are passed on to workers. Signals and the admin endpoint send
 //! them; [`crate::run`] carries them out.
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::supervisor::Forwarded;
+use crate::supervisor::{Forwarded, RestartOutcome};
 
 /// Requests from outside to the running proxy, from signals and the admin endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Control {
-    /// Reload the TLS files and restart spawned workers one at a time: SIGHUP, or
-    /// `POST /workers/restart` (the way on Windows, which has no SIGHUP).
-    Reload,
+    /// Reload the TLS files and replace spawned workers one at a time: SIGHUP, or
+    /// `POST /workers/restart` (the way on Windows, which has no SIGHUP), which waits to
+    /// hear how the restart ended.
+    Reload(Option<oneshot::Sender<RestartOutcome>>),
     /// Pass a signal on to every spawned worker (SIGUSR1/SIGUSR2), as an init would.
     Forward(Forwarded),
 }

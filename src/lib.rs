@@ -10,11 +10,15 @@
 //! - [`listener`]: bind, permit before accept, accept backoff, one task per connection.
 //! - [`tls`]: rustls termination (ALPN h2, client certificates), reload on SIGHUP and file change.
 //! - [`balance`]: round-robin, least-conn and p2c over a list of candidates.
-//! - [`backend`]: the shared backend set: addresses, load, passive ejection, and each
-//!   backend's lifecycle state (starting, ready, failing, stopped) that checks, the
-//!   supervisor and the data path report to.
+//! - [`backend`]: the shared backend set: addresses, load, passive ejection, each backend's
+//!   lifecycle state (starting, ready, failing, draining, stopped) that checks, the
+//!   supervisor and the data path report to, and the bounded wait for a backend.
 //! - [`l4`]: pick → connect (timeout, retry elsewhere) → copy both ways.
 //! - [`h2`]: HTTP/2 terminated; per call: pick → pooled backend connection → stream through.
+//! - [`health`]: active checks (TCP, `grpc.health.v1`) of every backend, following the set's
+//!   membership, reporting to each backend's state.
+//! - [`supervisor`]: spawned workers: port plan, start, restart, surge replacement, drain and
+//!   stop, crash loops.
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`metrics`]: metric names, described once; the Prometheus recorder.
 //! - [`admin`]: `/healthz`, `/readyz`, `/backends`, `/metrics`.
@@ -158,13 +162,17 @@ pub async fn run(
         .map(tls::Tls::new)
         .transpose()?
         .map(Arc::new);
+    let ports = match &config.workers {
+        None => Vec::new(),
+        Some(w) => supervisor::plan_ports(w)?,
+    };
     let specs = match &config.workers {
         None => config.backends.clone(),
-        Some(w) => supervisor::plan_ports(w)?
-            .into_iter()
+        Some(_) => ports
+            .iter()
             .enumerate()
-            .map(|(i, port)| {
-                let addr = SocketAddr::from((supervisor::WORKER_HOST, port));
+            .map(|(i, p)| {
+                let addr = SocketAddr::from((supervisor::WORKER_HOST, p.current));
                 BackendSpec {
                     name: addr.to_string(),
                     addr,
@@ -181,14 +189,18 @@ pub async fn run(
     let mut workers = config
         .workers
         .clone()
-        .map(|w| supervisor::Supervisor::start(w, &backends.snapshot()))
+        .map(|w| supervisor::Supervisor::start(w, &backends, &ports))
         .transpose()?;
     // Stops the background tasks: health checks, TLS file watching, metrics upkeep.
     let background_stop = CancellationToken::new();
     if let Some(handle) = &prometheus {
         tokio::spawn(metrics::upkeep(handle.clone(), background_stop.clone()));
     }
-    health::spawn_checkers(&backends, &config.health, &background_stop);
+    tokio::spawn(health::run(
+        Arc::clone(&backends),
+        config.health.clone(),
+        background_stop.clone(),
+    ));
     if let Some(t) = &tls {
         tokio::spawn(Arc::clone(t).watch(background_stop.clone()));
     }
@@ -270,16 +282,12 @@ pub async fn run(
                 shutdown.begin();
             }
             Some(control) = controls.recv() => match control {
-                Control::Reload => {
+                Control::Reload(done) => {
                     if let Some(t) = &tls {
                         t.reload_and_log("reload requested");
                     }
                     match &workers {
-                        Some(w) => {
-                            if !w.rolling_restart() {
-                                tracing::warn!("reload: a rolling restart is already under way");
-                            }
-                        }
+                        Some(w) => w.rolling_restart(done),
                         None => tracing::info!("reload: no spawned workers to restart"),
                     }
                 }

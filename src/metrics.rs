@@ -36,6 +36,8 @@ pub const HEALTH_CHECKS: &str = "portshare_health_checks_total";
 pub const HEALTH_CHECK_SECONDS: &str = "portshare_health_check_duration_seconds";
 /// Times each spawned worker was restarted.
 pub const WORKER_RESTARTS: &str = "portshare_worker_restarts_total";
+/// Rolling restarts of the spawned workers, by `result` (done/failed).
+pub const ROLLING_RESTARTS: &str = "portshare_rolling_restarts_total";
 /// 1 while a spawned worker's process runs, else 0.
 pub const WORKER_UP: &str = "portshare_worker_up";
 /// h2 mode: calls finished, by `backend` and `grpc_status`.
@@ -153,6 +155,10 @@ fn describe() {
         "How long health checks take."
     );
     describe_counter!(WORKER_RESTARTS, "Times each spawned worker was restarted.");
+    describe_counter!(
+        ROLLING_RESTARTS,
+        "Rolling restarts of the spawned workers, by result (done/failed)."
+    );
     describe_gauge!(
         WORKER_UP,
         "1 while a spawned worker's process runs, else 0."

@@ -138,7 +138,7 @@ impl Signals {
                 _ = self.int.recv() => return "SIGINT",
                 _ = self.hup.recv() => {
                     tracing::info!(signal = "SIGHUP", "reload requested");
-                    Control::Reload
+                    Control::Reload(None)
                 }
                 _ = self.usr1.recv() => Control::Forward(Forwarded::Usr1),
                 _ = self.usr2.recv() => Control::Forward(Forwarded::Usr2),

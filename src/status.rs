@@ -11,6 +11,11 @@ use serde::Deserialize;
 /// A status query should answer at once; a hung instance is itself the answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A rolling restart answers when it is over: every worker's replacement booting (up to
+/// its `ready_timeout`) and its old process draining (up to twice `stop_grace`). An hour
+/// covers dozens of slow workers; the instance bounds each step itself.
+const RESTART_WAIT: Duration = Duration::from_secs(3600);
+
 /// Why the status could not be shown.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -49,14 +54,20 @@ struct Row {
 
 /// GET `path` from the admin endpoint at `addr`: (status code, body).
 fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
-    request(addr, "GET", path)
+    request(addr, "GET", path, TIMEOUT)
 }
 
-/// One HTTP/1.1 request without a body to the admin endpoint: (status code, body).
-fn request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), StatusError> {
+/// One HTTP/1.1 request without a body to the admin endpoint, answered within `wait`:
+/// (status code, body).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    wait: Duration,
+) -> Result<(u16, String), StatusError> {
     let io_err = |source| StatusError::Io { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(io_err)?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
+    stream.set_read_timeout(Some(wait)).map_err(io_err)?;
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: portshare\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -110,10 +121,11 @@ pub fn probe(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
     }
 }
 
-/// Asks for a rolling restart of the spawned workers (what SIGHUP does).
+/// Asks for a rolling restart of the spawned workers (what SIGHUP does) and waits until it
+/// is over: `Err` when a replacement failed.
 pub fn restart(addr: SocketAddr) -> Result<String, StatusError> {
-    match request(addr, "POST", "/workers/restart")? {
-        (202, body) => Ok(body),
+    match request(addr, "POST", "/workers/restart", RESTART_WAIT)? {
+        (200, body) => Ok(body),
         (code, body) => Err(StatusError::Answer {
             addr,
             what: format!("HTTP {code}: {}", body.trim()),

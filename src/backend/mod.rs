@@ -7,13 +7,15 @@ mod state;
 pub use state::{CheckResult, Health, HealthState, Thresholds};
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, counter, gauge};
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
 use crate::balance::Balancer;
@@ -56,8 +58,9 @@ pub struct EjectionConfig {
 struct WorkerState {
     /// Its process id while it runs.
     pid: Option<u32>,
-    /// Times it was started.
-    starts: u64,
+    /// Times the worker was restarted (kept by the supervisor across the backends a
+    /// worker moves through in surge restarts).
+    restarts: u64,
 }
 
 /// Everything about a backend that changes off the hot path, under one lock.
@@ -135,6 +138,9 @@ pub enum ConnectFailure {
 /// One backend and its live counters.
 #[derive(Debug)]
 pub struct Backend {
+    /// Unique among every backend this process ever had: an address can come back (a
+    /// worker's spare port) as a different backend.
+    id: u64,
     /// Name and address.
     spec: BackendSpec,
     /// Connections proxied to it right now; least-conn and p2c read it.
@@ -150,6 +156,8 @@ pub struct Backend {
     recheck: tokio::sync::Notify,
     /// Shared with the whole set: wakes calls waiting for a backend that can take them.
     capacity: Arc<Capacity>,
+    /// Cancelled when it leaves the set for good: its checker and pooled connection go.
+    retired: CancellationToken,
 }
 
 /// A point-in-time view of one backend, as `/backends` shows it.
@@ -191,7 +199,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Backend {
-    fn new(spec: BackendSpec, now: Instant, capacity: Arc<Capacity>) -> Self {
+    fn new(id: u64, spec: BackendSpec, now: Instant, capacity: Arc<Capacity>) -> Self {
         let metrics = BackendMetrics::new(&spec.name);
         // A spawned worker must prove itself first; a configured backend is given the
         // benefit of the doubt until its first check.
@@ -201,6 +209,7 @@ impl Backend {
             Health::Unknown
         };
         Self {
+            id,
             spec,
             active: AtomicUsize::new(0),
             state: Mutex::new(State {
@@ -211,7 +220,23 @@ impl Backend {
             metrics,
             recheck: tokio::sync::Notify::new(),
             capacity,
+            retired: CancellationToken::new(),
         }
+    }
+
+    /// Unique to this backend (see `id`).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Completes when the backend has left the set for good.
+    pub async fn retired(&self) {
+        self.retired.cancelled().await;
+    }
+
+    /// Whether the backend has left the set for good.
+    pub fn is_retired(&self) -> bool {
+        self.retired.is_cancelled()
     }
 
     /// Logs a change of state once and, when the backend entered rotation, wakes the
@@ -249,11 +274,11 @@ impl Backend {
         self.changed(before, None);
     }
 
-    /// Records that the worker process started with `pid` (a restart unless it is the first).
-    pub fn worker_started(&self, pid: Option<u32>, now: Instant) {
+    /// Records that the worker process started with `pid`, its `restarts`-th restart.
+    pub fn worker_started(&self, pid: Option<u32>, restarts: u64, now: Instant) {
         let before = {
             let mut s = lock(&self.state);
-            s.worker.starts += 1;
+            s.worker.restarts = restarts;
             s.worker.pid = pid;
             // Ejections of the previous process say nothing about this one.
             s.passive.ejected_until = None;
@@ -327,6 +352,21 @@ impl Backend {
             .map(|_| ActiveGuard(Arc::clone(self)))
     }
 
+    /// Waits until no call or connection is counted here any more, for up to `limit`;
+    /// returns whether it got there.
+    pub async fn idle_within(&self, limit: Duration) -> bool {
+        /// Often enough that a restart is not slowed, rarely enough to cost nothing.
+        const POLL: Duration = Duration::from_millis(20);
+        let deadline = Instant::now() + limit;
+        while self.active() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        true
+    }
+
     /// Counts a finished call (h2 mode) with its gRPC status.
     pub fn count_call(&self, grpc_status: u32) {
         if grpc_status == 0 {
@@ -368,7 +408,7 @@ impl Backend {
             },
             state_for_s: now.saturating_duration_since(s.health.since).as_secs(),
             last_check: s.health.last_check.clone(),
-            restarts: s.worker.starts.saturating_sub(1),
+            restarts: s.worker.restarts,
             active_connections: self.active(),
             ejections: p.ejections,
             ejected_for_ms: ejected_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -468,6 +508,10 @@ pub struct BackendSet {
     /// The current list; replaced whole when membership changes, so readers take a cheap
     /// snapshot and never hold a lock while they connect.
     backends: RwLock<Arc<[Arc<Backend>]>>,
+    /// Counts membership changes; the health checks follow it.
+    members: watch::Sender<u64>,
+    /// The next backend's id.
+    next_id: AtomicU64,
     /// Serialises ejection decisions, so two failures at once cannot eject the last two.
     eject_lock: Mutex<()>,
     /// How long ejections last.
@@ -507,9 +551,12 @@ impl BackendSet {
         let capacity = Arc::new(Capacity::default());
         let list: Vec<Arc<Backend>> = specs
             .into_iter()
-            .map(|s| Arc::new(Backend::new(s, now, Arc::clone(&capacity))))
+            .enumerate()
+            .map(|(id, s)| Arc::new(Backend::new(id as u64, s, now, Arc::clone(&capacity))))
             .collect();
         Self {
+            next_id: AtomicU64::new(list.len() as u64),
+            members: watch::Sender::new(0),
             backends: RwLock::new(list.into()),
             eject_lock: Mutex::new(()),
             ejection,
@@ -521,6 +568,57 @@ impl BackendSet {
     /// The backends as they are now.
     pub fn snapshot(&self) -> Arc<[Arc<Backend>]> {
         Arc::clone(&self.backends.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Adds a backend for `spec`, listed right after `beside` when given (a worker's
+    /// replacement next to the process it replaces), else last. It starts as a new one
+    /// does: `unknown`, or `stopped` for a spawned worker until it starts.
+    pub fn add(&self, spec: BackendSpec, beside: Option<&Backend>) -> Arc<Backend> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let backend = Arc::new(Backend::new(
+            id,
+            spec,
+            Instant::now(),
+            Arc::clone(&self.capacity),
+        ));
+        {
+            let mut list = self
+                .backends
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut next: Vec<Arc<Backend>> = list.iter().cloned().collect();
+            let at = beside
+                .and_then(|b| next.iter().position(|n| n.id == b.id))
+                .map_or(next.len(), |i| i + 1);
+            next.insert(at, Arc::clone(&backend));
+            *list = next.into();
+        }
+        self.members.send_modify(|n| *n += 1);
+        backend
+    }
+
+    /// Takes `backend` out of the set for good: no call can pick it any more, and its
+    /// checker and pooled connection go.
+    pub fn remove(&self, backend: &Backend) {
+        {
+            let mut list = self
+                .backends
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let next: Vec<Arc<Backend>> = list
+                .iter()
+                .filter(|b| b.id != backend.id)
+                .cloned()
+                .collect();
+            *list = next.into();
+        }
+        backend.retired.cancel();
+        self.members.send_modify(|n| *n += 1);
+    }
+
+    /// Changes whenever a backend is added or removed.
+    pub fn membership(&self) -> watch::Receiver<u64> {
+        self.members.subscribe()
     }
 
     /// The backends a new connection may go to, leaving out `tried` and those with `cap`
@@ -570,7 +668,11 @@ impl BackendSet {
             let candidates = self.candidates(Instant::now(), tried, cap);
             let i = balancer.pick(&candidates, |b| b.active())?;
             if let Some(guard) = candidates[i].try_track(cap) {
-                return Some(guard);
+                // Looked at again once counted: a backend taken out meanwhile (drained for
+                // a restart) waits only for what it counts, so this one must go elsewhere.
+                if candidates[i].health().takes_traffic() {
+                    return Some(guard);
+                }
             }
         }
         None

@@ -148,15 +148,12 @@ portshare (h2 mode) speaks HTTP/2 only: use a gRPC client or HTTP/2 prior knowle
 impl H2Proxy {
     /// A proxy over `backends`.
     pub fn new(config: H2Config, backends: Arc<BackendSet>, balancer: Balancer) -> Self {
-        let pool = Pool::new(
-            PoolConfig {
-                connect_timeout: config.connect_timeout,
-                stream_window: config.stream_window,
-                connection_window: config.connection_window,
-                max_header_list_size: config.max_header_list_size,
-            },
-            &backends.snapshot(),
-        );
+        let pool = Pool::new(PoolConfig {
+            connect_timeout: config.connect_timeout,
+            stream_window: config.stream_window,
+            connection_window: config.connection_window,
+            max_header_list_size: config.max_header_list_size,
+        });
         Self {
             metrics: CallMetrics {
                 in_flight: gauge!(m::CALLS_IN_FLIGHT),

@@ -6,8 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use hyper::client::conn::http2::{Builder, SendRequest};
@@ -59,10 +58,7 @@ struct Slot {
 impl Slot {
     /// The current connection when it can take a stream now.
     fn ready(&self) -> Option<SendRequest<ReplayBody>> {
-        let current = self
-            .current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
         current
             .as_ref()
             .filter(|c| c.is_ready() && !c.is_closed())
@@ -70,10 +66,7 @@ impl Slot {
     }
 
     fn set(&self, conn: Option<SendRequest<ReplayBody>>) {
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = conn;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = conn;
     }
 }
 
@@ -81,29 +74,47 @@ impl Slot {
 #[derive(Debug)]
 pub struct Pool {
     config: PoolConfig,
-    slots: HashMap<SocketAddr, Arc<Slot>>,
+    /// One slot per backend, by backend id (an address can come back as another backend).
+    /// Made on a backend's first call; read on every call, so a plain read lock.
+    slots: RwLock<HashMap<u64, Entry>>,
 }
 
+/// A backend's slot, with the backend itself held weakly so that a slot whose backend left
+/// the set can be told apart and dropped.
+type Entry = (Weak<Backend>, Arc<Slot>);
+
 impl Pool {
-    /// A pool for these backends (membership is fixed at start).
-    pub fn new(config: PoolConfig, backends: &[Arc<Backend>]) -> Self {
-        let slots = backends
-            .iter()
-            .map(|b| (b.addr(), Arc::new(Slot::default())))
-            .collect();
-        Self { config, slots }
+    /// An empty pool; backends get their slot on first use.
+    pub fn new(config: PoolConfig) -> Self {
+        Self {
+            config,
+            slots: RwLock::default(),
+        }
+    }
+
+    /// `backend`'s slot, made on first use. Slots of backends that left the set go then
+    /// (dropping the last handle of a connection closes it once its streams are done).
+    fn slot(&self, backend: &Arc<Backend>) -> Arc<Slot> {
+        let read = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, slot)) = read.get(&backend.id()) {
+            return Arc::clone(slot);
+        }
+        drop(read);
+        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+        slots.retain(|_, (b, _)| b.upgrade().is_some_and(|b| !b.is_retired()));
+        let (_, slot) = slots
+            .entry(backend.id())
+            .or_insert_with(|| (Arc::downgrade(backend), Arc::new(Slot::default())));
+        Arc::clone(slot)
     }
 
     /// A connection to `backend` that can take a stream now; `true` with it when it was
     /// opened just now.
     pub async fn get(
         &self,
-        backend: &Backend,
+        backend: &Arc<Backend>,
     ) -> Result<(SendRequest<ReplayBody>, bool), PoolError> {
-        let slot = match self.slots.get(&backend.addr()) {
-            Some(s) => Arc::clone(s),
-            None => Arc::new(Slot::default()),
-        };
+        let slot = self.slot(backend);
         if let Some(c) = slot.ready() {
             return Ok((c, false));
         }
@@ -119,7 +130,8 @@ impl Pool {
 
     /// Forgets `backend`'s connection (it refused a stream), so the next call opens a new one.
     pub async fn invalidate(&self, backend: &Backend) {
-        if let Some(slot) = self.slots.get(&backend.addr()) {
+        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, slot)) = slots.get(&backend.id()) {
             slot.set(None);
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod grpc;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use metrics::{counter, histogram};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, BackendSet, CheckResult, Health, Thresholds};
 use crate::metrics as m;
@@ -91,16 +93,35 @@ impl Probe {
     }
 }
 
-/// Starts one checking task per backend; they end when `stop` is cancelled.
-pub fn spawn_checkers(set: &Arc<BackendSet>, config: &HealthConfig, stop: &CancellationToken) {
-    for backend in set.snapshot().iter() {
-        tokio::spawn(check_loop(
-            Arc::clone(backend),
-            Arc::clone(set),
-            config.clone(),
-            stop.clone(),
-        ));
+/// Checks every backend of `set`, following its membership: a backend that joins gets its
+/// own checking task, one that leaves ends its own. Returns once `stop` is cancelled and
+/// every checking task has ended.
+pub async fn run(set: Arc<BackendSet>, config: HealthConfig, stop: CancellationToken) {
+    let mut members = set.membership();
+    let mut checked: HashSet<u64> = HashSet::new();
+    let tasks = TaskTracker::new();
+    loop {
+        // Marked seen before the look, so a change after it is not missed.
+        members.borrow_and_update();
+        let snapshot = set.snapshot();
+        for backend in snapshot.iter() {
+            if checked.insert(backend.id()) {
+                tasks.spawn(check_loop(
+                    Arc::clone(backend),
+                    Arc::clone(&set),
+                    config.clone(),
+                    stop.clone(),
+                ));
+            }
+        }
+        checked.retain(|id| snapshot.iter().any(|b| b.id() == *id));
+        tokio::select! {
+            () = stop.cancelled() => break,
+            changed = members.changed() => if changed.is_err() { break },
+        }
     }
+    tasks.close();
+    tasks.wait().await;
 }
 
 async fn check_loop(
@@ -122,6 +143,7 @@ async fn check_loop(
             let started = Instant::now();
             let result = tokio::select! {
                 () = stop.cancelled() => return,
+                () = backend.retired() => return,
                 r = probe.check(config.timeout) => r,
             };
             histogram!(m::HEALTH_CHECK_SECONDS, "check" => kind.clone())
@@ -140,6 +162,7 @@ async fn check_loop(
         let jitter = pause.mul_f64(fastrand::f64() * 0.1);
         tokio::select! {
             () = stop.cancelled() => return,
+            () = backend.retired() => return,
             () = tokio::time::sleep(pause + jitter) => {}
             () = backend.recheck_requested() => {}
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::{Backend, Health, WorkerIndex};
+use crate::backend::{BackendSet, Health, WorkerIndex};
 
 /// Every worker kept exiting and none was ready: portshare must end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,29 +76,31 @@ impl ExitHistory {
 /// The exit histories of all workers, for the verdict that ends portshare.
 #[derive(Debug)]
 pub(super) struct Fleet {
-    /// One entry per worker: its backend and its exits.
-    workers: Vec<(Arc<Backend>, Mutex<ExitHistory>)>,
+    /// Where the workers' backends are, to see whether any is ready.
+    set: Arc<BackendSet>,
+    /// One history per worker, by index.
+    histories: Vec<Mutex<ExitHistory>>,
 }
 
 impl Fleet {
-    pub(super) fn new(backends: &[Arc<Backend>], limit: u32, window: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            workers: backends
-                .iter()
-                .map(|b| (Arc::clone(b), Mutex::new(ExitHistory::new(limit, window))))
+    pub(super) fn new(set: Arc<BackendSet>, count: usize, limit: u32, window: Duration) -> Self {
+        Self {
+            set,
+            histories: (0..count)
+                .map(|_| Mutex::new(ExitHistory::new(limit, window)))
                 .collect(),
-        })
+        }
     }
 
-    /// Records an exit of `backend`'s worker at `now`. Returns `Some(exits)` when that
-    /// worker is in a crash loop, and whether the whole fleet is: every worker looping and
-    /// none ready.
-    pub(super) fn exited(&self, backend: &Backend, now: Instant) -> (Option<usize>, bool) {
+    /// Records an exit of worker `index` at `now`. Returns `Some(exits)` when that worker
+    /// is in a crash loop, and whether the whole fleet is: every worker looping and none
+    /// ready.
+    pub(super) fn exited(&self, index: WorkerIndex, now: Instant) -> (Option<usize>, bool) {
         let mut exits = None;
         let mut all_looping = true;
-        for (b, history) in &self.workers {
+        for (i, history) in self.histories.iter().enumerate() {
             let mut h = history.lock().unwrap_or_else(PoisonError::into_inner);
-            let looping = if std::ptr::eq(Arc::as_ptr(b), backend) {
+            let looping = if i == index.0 {
                 exits = h.record(now);
                 exits.is_some()
             } else {
@@ -107,9 +109,11 @@ impl Fleet {
             all_looping &= looping;
         }
         let none_ready = self
-            .workers
+            .set
+            .snapshot()
             .iter()
-            .all(|(b, _)| b.health() != Health::Healthy);
+            .filter(|b| b.worker().is_some())
+            .all(|b| b.health() != Health::Healthy);
         (exits, exits.is_some() && all_looping && none_ready)
     }
 }
@@ -121,6 +125,8 @@ mod tests {
     use std::net::SocketAddr;
 
     const SEC: Duration = Duration::from_secs(1);
+    const W0: WorkerIndex = WorkerIndex(0);
+    const W1: WorkerIndex = WorkerIndex(1);
 
     #[test]
     fn a_crash_loop_is_so_many_exits_within_the_window() {
@@ -166,40 +172,40 @@ mod tests {
 
     #[test]
     fn one_worker_in_a_crash_loop_does_not_end_the_fleet() {
-        let set = workers(2);
+        let set = Arc::new(workers(2));
         let all = set.snapshot();
-        let fleet = Fleet::new(&all, 2, 60 * SEC);
+        let fleet = Fleet::new(Arc::clone(&set), 2, 2, 60 * SEC);
         let now = Instant::now();
+        all[0].worker_started(Some(7), 0, now);
         set.record_check(&all[0], &CheckResult::Pass, now);
-        assert_eq!(fleet.exited(&all[1], now), (None, false));
-        assert_eq!(fleet.exited(&all[1], now), (Some(2), false));
-        assert_eq!(fleet.exited(&all[1], now), (Some(3), false));
+        assert_eq!(all[0].health(), Health::Healthy);
+        assert_eq!(fleet.exited(W1, now), (None, false));
+        assert_eq!(fleet.exited(W1, now), (Some(2), false));
+        assert_eq!(fleet.exited(W1, now), (Some(3), false));
     }
 
     #[test]
     fn every_worker_in_a_crash_loop_and_none_ready_ends_it() {
-        let set = workers(2);
-        let all = set.snapshot();
-        let fleet = Fleet::new(&all, 2, 60 * SEC);
+        let set = Arc::new(workers(2));
+        let fleet = Fleet::new(Arc::clone(&set), 2, 2, 60 * SEC);
         let now = Instant::now();
-        for b in all.iter() {
-            fleet.exited(b, now);
-        }
-        assert_eq!(fleet.exited(&all[0], now), (Some(2), false));
-        assert_eq!(fleet.exited(&all[1], now), (Some(2), true));
+        fleet.exited(W0, now);
+        fleet.exited(W1, now);
+        assert_eq!(fleet.exited(W0, now), (Some(2), false));
+        assert_eq!(fleet.exited(W1, now), (Some(2), true));
     }
 
     #[test]
     fn a_ready_worker_keeps_the_fleet_going() {
-        let set = workers(2);
+        let set = Arc::new(workers(2));
         let all = set.snapshot();
-        let fleet = Fleet::new(&all, 1, 60 * SEC);
+        let fleet = Fleet::new(Arc::clone(&set), 2, 1, 60 * SEC);
         let now = Instant::now();
-        assert_eq!(fleet.exited(&all[0], now), (Some(1), false));
+        assert_eq!(fleet.exited(W0, now), (Some(1), false));
         // Worker 1 came back and is ready, although it crashed before.
-        assert_eq!(fleet.exited(&all[1], now), (Some(1), true));
-        all[1].worker_started(Some(1), now);
+        assert_eq!(fleet.exited(W1, now), (Some(1), true));
+        all[1].worker_started(Some(1), 1, now);
         set.record_check(&all[1], &CheckResult::Pass, now);
-        assert_eq!(fleet.exited(&all[0], now), (Some(2), false));
+        assert_eq!(fleet.exited(W0, now), (Some(2), false));
     }
 }

@@ -241,6 +241,8 @@ def cmd_steady(args, stub):
     made = 0
     kinds = ["unary", "server", "client", "bidi"] if args.all_kinds else ["unary"]
     while made < args.calls and time.monotonic() < deadline:
+        if args.until_file and os.path.exists(args.until_file):
+            break
         kind = kinds[made % len(kinds)]
         if args.fresh_channels:
             if fresh is not None:
@@ -329,6 +331,8 @@ def parse_args(argv):
                    help="rotate unary, server-, client- and bidi-streaming calls")
     p.add_argument("--fresh-channels", action="store_true",
                    help="a new channel (connection) for every call")
+    p.add_argument("--until-file", default=None,
+                   help="stop early once this path exists")
     p.set_defaults(run=cmd_steady)
 
     p = sub.add_parser("parallel", parents=[common])

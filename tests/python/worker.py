@@ -14,6 +14,8 @@ Protocol with the tests:
   --crash-index N: the worker whose PORTSHARE_WORKER_INDEX is N exits with code 3 at
           once (a worker in a crash loop).
   --bind-delay S: wait S seconds before listening (a worker that is slow to boot).
+  --stall-if-exists PATH: never listen if PATH exists when the worker starts (a
+          replacement that never becomes ready, while the first process serves).
 """
 
 import argparse
@@ -212,13 +214,18 @@ def main():
                         help="if PORTSHARE_WORKER_INDEX equals this, exit 3 at once")
     parser.add_argument("--bind-delay", type=float, default=0.0,
                         help="seconds to wait before listening")
+    parser.add_argument("--stall-if-exists", default=None,
+                        help="never listen if this path exists at start")
     args = parser.parse_args()
+
+    stall = args.stall_index is not None and os.environ.get("PORTSHARE_WORKER_INDEX") == args.stall_index
+    stall = stall or (args.stall_if_exists is not None and os.path.exists(args.stall_if_exists))
 
     if args.crash_index is not None and os.environ.get("PORTSHARE_WORKER_INDEX") == args.crash_index:
         print(f"worker {args.name}: crashing on purpose", file=sys.stderr, flush=True)
         return 3
 
-    if args.stall_index is not None and os.environ.get("PORTSHARE_WORKER_INDEX") == args.stall_index:
+    if stall:
         print(f"worker {args.name}: stalling on purpose, never listening", file=sys.stderr, flush=True)
         stalled = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

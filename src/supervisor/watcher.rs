@@ -1,0 +1,468 @@
+//! One worker's life: start it, watch it, restart it in place when it exits (with backoff),
+//! replace it on request without losing capacity (surge restart), and stop it after its
+//! calls are done.
+//!
+//! A surge restart starts the replacement on the worker's spare port, waits until it is
+//! ready (the same check as at start), lets it join the rotation, and only then takes the
+//! old process out: it gets no new calls, its calls in flight (h2) or connections (l4)
+//! finish, bounded by `stop_grace`, and it gets SIGTERM (Windows: terminated), then SIGKILL
+//! after `stop_grace`. A replacement that exits or is not ready within `ready_timeout` is
+//! stopped, and the old process goes on serving.
+
+use std::io::{self, Write};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, counter, gauge};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::crash::{CrashLoop, Fleet};
+use super::ports::{self, WorkerPorts};
+use super::{WORKER_HOST, WorkerOutput, WorkersConfig, platform};
+use crate::backend::{Backend, BackendSet, BackendSpec, Health, WorkerIndex};
+use crate::backoff::Backoff;
+use crate::metrics as m;
+
+/// How often a surge restart looks whether the replacement is ready.
+const READY_POLL: Duration = Duration::from_millis(50);
+
+/// Asks a watcher to replace its worker; answered with the outcome once the old process
+/// is gone (or the replacement failed and the old one still serves).
+pub(super) type Restart = oneshot::Sender<Result<Replaced, String>>;
+
+/// What a replacement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Replaced {
+    /// The worker was replaced by a new process (its pid).
+    Yes(Option<u32>),
+    /// The worker was not running (it comes back as a new process anyway).
+    NotRunning,
+}
+
+/// Watches one worker: starts it, waits for it to exit, restarts or replaces it.
+pub(super) struct Watcher {
+    pub(super) index: WorkerIndex,
+    /// Its ports; `current` is the running process's.
+    pub(super) ports: WorkerPorts,
+    pub(super) config: Arc<WorkersConfig>,
+    /// Where its backends live: a replacement is added, a replaced process removed.
+    pub(super) set: Arc<BackendSet>,
+    /// The backend of the running process.
+    pub(super) backend: Arc<Backend>,
+    pub(super) guard: Arc<platform::Guard>,
+    pub(super) stop: CancellationToken,
+    /// Where the verdict that ends portshare goes.
+    pub(super) crash: mpsc::Sender<CrashLoop>,
+    /// Every worker's exits, for that verdict.
+    pub(super) fleet: Arc<Fleet>,
+}
+
+/// Why a running worker's wait ended.
+enum Ended {
+    /// The process exited by itself.
+    Exited(io::Result<ExitStatus>),
+    /// portshare is stopping; the process was stopped.
+    Stopped,
+}
+
+/// How a surge restart ended.
+enum Surge {
+    /// The replacement serves; the old process is gone. (Boxed: a child process handle is
+    /// large on Windows, and the other outcomes are small.)
+    Done(Box<Child>),
+    /// The replacement failed; the old process still serves.
+    Failed(String),
+    /// The replacement failed and the old process exited meanwhile.
+    BothGone(io::Result<ExitStatus>, String),
+    /// portshare is stopping; the replacement was stopped.
+    Stopping,
+}
+
+/// The watcher's per-worker metric handles.
+struct WorkerMetrics {
+    up: Gauge,
+    restarts: Counter,
+}
+
+impl Watcher {
+    pub(super) async fn run(mut self, mut asked: mpsc::Receiver<Restart>) {
+        let mut backoff =
+            Backoff::new(self.config.restart_backoff, self.config.restart_backoff_max);
+        let metrics = WorkerMetrics {
+            up: gauge!(m::WORKER_UP, "worker" => self.index.to_string()),
+            restarts: counter!(m::WORKER_RESTARTS, "worker" => self.index.to_string()),
+        };
+        let mut restarts = 0u64;
+        let mut first = true;
+        while !self.stop.is_cancelled() {
+            if !first {
+                restarts += 1;
+                metrics.restarts.increment(1);
+                // The port must be free again; an outgoing connection may have taken it.
+                if let Err(e) = ports::port_is_free(self.ports.current) {
+                    let pause = backoff.next_delay();
+                    tracing::error!(worker = %self.index, port = self.ports.current, error = %e, retry_in = ?pause,
+                        "cannot restart worker: its port is taken by another socket");
+                    if self.pause(pause, &mut asked).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            first = false;
+            let started = Instant::now();
+            let last_exit = match self.spawn(self.ports.current) {
+                Err(e) => {
+                    tracing::error!(worker = %self.index, command = ?self.config.command, error = %e, "cannot start worker");
+                    format!("failed to start: {e}")
+                }
+                Ok(child) => {
+                    let pid = child.id();
+                    self.backend.worker_started(pid, restarts, started);
+                    metrics.up.set(1.0);
+                    tracing::info!(worker = %self.index, pid, port = self.ports.current, "worker started");
+                    let ended = self.watch(child, &mut asked, &mut restarts, &metrics).await;
+                    metrics.up.set(0.0);
+                    match ended {
+                        Ended::Stopped => return,
+                        Ended::Exited(status) => {
+                            if self.stop.is_cancelled() {
+                                return;
+                            }
+                            let how = describe(&status);
+                            tracing::warn!(worker = %self.index, exit = %how, ran_for = ?started.elapsed(), "worker exited");
+                            how
+                        }
+                    }
+                }
+            };
+            if self
+                .after_exit(&mut backoff, started, last_exit, &mut asked)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Watches the running process until it exits or portshare stops, replacing it
+    /// whenever a rolling restart asks.
+    async fn watch(
+        &mut self,
+        mut child: Child,
+        asked: &mut mpsc::Receiver<Restart>,
+        restarts: &mut u64,
+        metrics: &WorkerMetrics,
+    ) -> Ended {
+        loop {
+            // Read now: a child that has been waited for no longer says.
+            let pid = child.id();
+            let reply = tokio::select! {
+                status = child.wait() => {
+                    // Out of rotation at once: its pid is gone.
+                    self.backend.worker_stopped(Instant::now());
+                    self.guard.forget(pid);
+                    return Ended::Exited(status);
+                }
+                () = self.stop.cancelled() => {
+                    let backend = Arc::clone(&self.backend);
+                    self.retire(&mut child, &backend).await;
+                    return Ended::Stopped;
+                }
+                Some(reply) = asked.recv() => reply,
+            };
+            match self.surge(&mut child, *restarts + 1).await {
+                Surge::Done(fresh) => {
+                    *restarts += 1;
+                    metrics.restarts.increment(1);
+                    let _ = reply.send(Ok(Replaced::Yes(fresh.id())));
+                    child = *fresh;
+                }
+                Surge::Failed(why) => {
+                    let _ = reply.send(Err(why));
+                }
+                Surge::BothGone(status, why) => {
+                    let _ = reply.send(Err(why));
+                    return Ended::Exited(status);
+                }
+                Surge::Stopping => {
+                    let backend = Arc::clone(&self.backend);
+                    self.retire(&mut child, &backend).await;
+                    return Ended::Stopped;
+                }
+            }
+        }
+    }
+
+    /// Replaces the running process `old` without a moment of lower capacity (see the
+    /// module's documentation).
+    async fn surge(&mut self, old: &mut Child, restarts: u64) -> Surge {
+        let port = match self.spare_port() {
+            Ok(p) => p,
+            Err(why) => return Surge::Failed(why),
+        };
+        let addr = std::net::SocketAddr::from((WORKER_HOST, port));
+        let fresh = self.set.add(
+            BackendSpec {
+                name: addr.to_string(),
+                addr,
+                worker: Some(self.index),
+            },
+            Some(&self.backend),
+        );
+        let mut new = match self.spawn(port) {
+            Ok(c) => c,
+            Err(e) => {
+                self.set.remove(&fresh);
+                return Surge::Failed(format!("cannot start the replacement: {e}"));
+            }
+        };
+        let started = Instant::now();
+        let (new_pid, old_pid) = (new.id(), old.id());
+        fresh.worker_started(new_pid, restarts, started);
+        tracing::info!(worker = %self.index, pid = new_pid, port, replaces = old_pid,
+            "rolling restart: replacement started");
+        let deadline = started + self.config.ready_timeout;
+        let mut old_exit = None;
+        let failure = loop {
+            if fresh.health() == Health::Healthy {
+                break None;
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => {
+                    self.retire(&mut new, &fresh).await;
+                    self.set.remove(&fresh);
+                    return Surge::Stopping;
+                }
+                status = new.wait() => {
+                    fresh.worker_stopped(Instant::now());
+                    self.guard.forget(new_pid);
+                    break Some(format!("the replacement exited before it was ready ({})", describe(&status)));
+                }
+                status = old.wait(), if old_exit.is_none() => {
+                    self.backend.worker_stopped(Instant::now());
+                    self.guard.forget(old_pid);
+                    tracing::warn!(worker = %self.index, exit = %describe(&status), "worker exited while its replacement was starting");
+                    old_exit = Some(status);
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    break Some(format!("the replacement was not ready within {:?}", self.config.ready_timeout));
+                }
+                () = tokio::time::sleep(READY_POLL) => {}
+            }
+        };
+        if let Some(why) = failure {
+            // The replacement goes; the old process (if it still runs) keeps serving.
+            if new.id().is_some() {
+                self.retire(&mut new, &fresh).await;
+            }
+            self.set.remove(&fresh);
+            tracing::error!(worker = %self.index, why = %why, "rolling restart: replacing the worker failed; the old process keeps serving");
+            return match old_exit {
+                None => Surge::Failed(why),
+                Some(status) => Surge::BothGone(status, why),
+            };
+        }
+        // The replacement is in rotation: the old process leaves it.
+        tracing::info!(worker = %self.index, pid = new_pid, took = ?started.elapsed(),
+            "rolling restart: replacement ready; draining the old process");
+        let replaced = std::mem::replace(&mut self.backend, fresh);
+        self.ports = WorkerPorts {
+            current: port,
+            spare: self.ports.current,
+        };
+        if old_exit.is_none() {
+            self.retire(old, &replaced).await;
+        }
+        self.set.remove(&replaced);
+        Surge::Done(Box::new(new))
+    }
+
+    /// The port for the next replacement: the spare, checked free; with free ports
+    /// (`port_base` 0) another free one if something took it meanwhile.
+    fn spare_port(&mut self) -> Result<u16, String> {
+        let spare = self.ports.spare;
+        match ports::port_is_free(spare) {
+            Ok(()) => Ok(spare),
+            Err(e) if self.config.port_base == 0 => {
+                let other = ports::free_port()
+                    .map_err(|e| format!("no free port for the replacement: {e}"))?;
+                tracing::warn!(worker = %self.index, taken = spare, error = %e, port = other,
+                    "the spare port was taken; the replacement gets another free port");
+                self.ports.spare = other;
+                Ok(other)
+            }
+            Err(e) => Err(format!(
+                "the spare port {spare} for the replacement is taken ({e})"
+            )),
+        }
+    }
+
+    /// Takes a running process out of rotation for good: no new calls or connections;
+    /// those it has finish (bounded by `stop_grace`); then it is stopped.
+    async fn retire(&self, child: &mut Child, backend: &Backend) {
+        backend.set_health(Health::Draining, Instant::now());
+        let open = backend.active();
+        if open > 0 {
+            tracing::info!(worker = %self.index, pid = child.id(), open, "draining worker: waiting for its calls and connections");
+            if !backend.idle_within(self.config.stop_grace).await {
+                tracing::warn!(worker = %self.index, pid = child.id(), open = backend.active(), grace = ?self.config.stop_grace,
+                    "worker still has calls or connections after the grace; stopping it anyway");
+            }
+        }
+        self.stop_child(child).await;
+        backend.worker_stopped(Instant::now());
+    }
+
+    /// After an unplanned exit: crash-loop accounting, then the backoff pause. `Err` means
+    /// stop watching (every worker is crash-looping, or portshare is stopping).
+    async fn after_exit(
+        &self,
+        backoff: &mut Backoff,
+        started: Instant,
+        last_exit: String,
+        asked: &mut mpsc::Receiver<Restart>,
+    ) -> Result<(), ()> {
+        let now = Instant::now();
+        // A worker that ran for a whole window was healthy: its next failure starts small.
+        if now.saturating_duration_since(started) >= self.config.crash_loop_window {
+            backoff.reset();
+        }
+        let (looping, fleet_down) = self.fleet.exited(self.index, now);
+        if fleet_down {
+            let _ = self.crash.try_send(CrashLoop {
+                index: self.index,
+                exits: looping.unwrap_or(0),
+                window: self.config.crash_loop_window,
+                last_exit,
+            });
+            return Err(());
+        }
+        let pause = backoff.next_delay();
+        match looping {
+            Some(exits) => {
+                // Out of rotation already; the others serve while this one is retried.
+                self.backend.set_health(Health::CrashLoop, now);
+                tracing::error!(worker = %self.index, exits, window = ?self.config.crash_loop_window,
+                    last_exit = %last_exit, restart_in = ?pause,
+                    "worker is in a crash loop: restarting it with backoff while the other workers serve");
+            }
+            None => tracing::info!(worker = %self.index, restart_in = ?pause, "restarting worker"),
+        }
+        self.pause(pause, asked).await
+    }
+
+    /// Sleeps, unless stopping: then `Err`. A rolling restart that reaches a worker which is
+    /// down anyway is answered at once.
+    async fn pause(&self, d: Duration, asked: &mut mpsc::Receiver<Restart>) -> Result<(), ()> {
+        let wake = Instant::now() + d;
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return Err(()),
+                () = tokio::time::sleep_until(wake) => return Ok(()),
+                Some(reply) = asked.recv() => { let _ = reply.send(Ok(Replaced::NotRunning)); }
+            }
+        }
+    }
+
+    fn spawn(&self, port: u16) -> io::Result<Child> {
+        let port = port.to_string();
+        let index = self.index.to_string();
+        let (program, args) =
+            self.config.command.split_first().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "empty worker command")
+            })?;
+        let mut cmd = Command::new(program);
+        cmd.args(
+            args.iter()
+                .map(|a| a.replace("{port}", &port).replace("{index}", &index)),
+        )
+        .env("PORTSHARE_PORT", &port)
+        .env("PORTSHARE_WORKER_INDEX", &index)
+        // Lets a worker notice that portshare is gone (its parent pid changes) where the
+        // OS cannot kill it for us (macOS has no parent-death signal).
+        .env("PORTSHARE_PID", std::process::id().to_string())
+        .envs(&self.config.env)
+        .stdin(Stdio::null())
+        // Should this task ever be dropped without stopping its worker, the worker dies.
+        .kill_on_drop(true);
+        if let Some(dir) = &self.config.cwd {
+            cmd.current_dir(dir);
+        }
+        match self.config.output {
+            WorkerOutput::Prefix => cmd.stdout(Stdio::piped()).stderr(Stdio::piped()),
+            WorkerOutput::Inherit => cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit()),
+        };
+        platform::prepare(&mut cmd);
+        let mut child = self.guard.spawn(&mut cmd)?;
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(relay(out, self.index, Stream::Stdout));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(relay(err, self.index, Stream::Stderr));
+        }
+        Ok(child)
+    }
+
+    /// SIGTERM (Windows: terminate), up to `stop_grace` to exit, then SIGKILL.
+    async fn stop_child(&self, child: &mut Child) {
+        let pid = child.id();
+        if let Err(e) = platform::ask_to_stop(child) {
+            tracing::warn!(worker = %self.index, error = %e, "cannot signal worker");
+        }
+        match tokio::time::timeout(self.config.stop_grace, child.wait()).await {
+            Ok(status) => {
+                tracing::info!(worker = %self.index, pid, exit = %describe(&status), "worker stopped");
+            }
+            Err(_) => {
+                tracing::warn!(worker = %self.index, pid, grace = ?self.config.stop_grace, "worker did not stop in time; killing it");
+                if let Err(e) = platform::force_stop(child) {
+                    tracing::warn!(worker = %self.index, error = %e, "cannot kill worker");
+                }
+                let _ = child.wait().await;
+            }
+        }
+        self.guard.forget(pid);
+    }
+}
+
+fn describe(status: &io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Copies a worker's output line by line, each prefixed with `[worker N]`; bytes that are
+/// not UTF-8 are shown replaced rather than dropped.
+async fn relay(from: impl AsyncRead + Unpin, index: WorkerIndex, stream: Stream) {
+    let mut reader = BufReader::new(from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches(['\n', '\r']);
+                // A closed stdout or stderr must not take portshare down: errors are ignored.
+                let _ = match stream {
+                    Stream::Stdout => writeln!(io::stdout().lock(), "[worker {index}] {text}"),
+                    Stream::Stderr => writeln!(io::stderr().lock(), "[worker {index}] {text}"),
+                };
+            }
+        }
+    }
+}
