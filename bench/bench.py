@@ -41,6 +41,10 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 PORTSHARE = os.path.join(ROOT, "target", "release", "portshare")
 PORTSHARE_REV = None  # set from --portshare-rev
+# A second portshare to measure side by side (run.sh's BENCH_BASELINE), from
+# --baseline-portshare and --baseline-rev; None: no baseline targets.
+BASELINE = None
+BASELINE_REV = None
 BENCH_BACKEND = os.path.join(ROOT, "target", "release", "examples", "bench_backend")
 WORKER = os.path.join(ROOT, "tests", "python", "worker.py")
 REUSEPORT_WORKER = os.path.join(BENCH, "reuseport_worker.py")
@@ -68,8 +72,12 @@ WARMUP = {"bench_backend": 2000, "python": 400}
 
 ALL_TARGETS = ["direct", "portshare-l4", "portshare-h2", "haproxy-tcp", "haproxy-h2",
                "nginx-stream", "nginx-grpc", "reuseport"]
+# With a baseline, each portshare target also runs with the baseline binary, under this
+# name and with exactly the same configuration: portshare-l4@base, portshare-h2@base.
+BASE_SUFFIX = "@base"
+BASE_TARGETS = [t + BASE_SUFFIX for t in ALL_TARGETS if t.startswith("portshare-")]
 # Targets that proxy; direct and reuseport have no process of their own to measure.
-PROXIES = ALL_TARGETS[1:-1]
+PROXIES = ALL_TARGETS[1:-1] + BASE_TARGETS
 # The idle-connection test: every proxy (the brief's four plus the two HTTP/2 terminators).
 IDLE_TARGETS = PROXIES
 
@@ -415,13 +423,38 @@ def render(template, tmp, **values):
     return path
 
 
+def config_of(target):
+    """The target whose configuration `target` runs: portshare-l4@base runs portshare-l4's."""
+    return target.removesuffix(BASE_SUFFIX)
+
+
+def build_of(target):
+    """Which portshare build a portshare target runs, for the report: a commit, the working
+    tree's target/release, or the path given."""
+    if target.endswith(BASE_SUFFIX):
+        return BASELINE_REV or os.path.relpath(BASELINE, ROOT)
+    if PORTSHARE_REV:
+        return PORTSHARE_REV
+    if os.path.abspath(PORTSHARE) == os.path.join(ROOT, "target", "release", "portshare"):
+        return "working tree"
+    return os.path.relpath(PORTSHARE, ROOT)
+
+
+def label(target):
+    """The target as the table names it: with a baseline, portshare's say which build."""
+    if BASELINE and target.startswith("portshare-"):
+        return f"{target} ({build_of(target)})"
+    return target
+
+
 def start_peer(target, backend_ports, tmp):
     """Starts one proxy target in front of backend_ports; returns a Peer."""
     port = free_port()
     listen = f"127.0.0.1:{port}"
     if target.startswith("portshare-"):
         admin = free_port()
-        argv = [PORTSHARE, "--listen", listen, "--mode", target.split("-")[1],
+        binary = BASELINE if target.endswith(BASE_SUFFIX) else PORTSHARE
+        argv = [binary, "--listen", listen, "--mode", config_of(target).split("-")[1],
                 "--admin", f"127.0.0.1:{admin}"]
         for p in backend_ports:
             argv += ["--backend", f"127.0.0.1:{p}"]
@@ -646,7 +679,8 @@ def check_portshare_metrics(res, target, m0, m1, calls, ports):
         b = metric_by(m1, name, key, where)
         return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b)}
 
-    if target == "portshare-h2":
+    h2 = config_of(target) == "portshare-h2"
+    if h2:
         # h2 mode pools its backend connections: they open during the warm-up and carry the
         # whole run, so count them over portshare's life (it started fresh for this run)
         # rather than as a delta, which would be 0 when all is well.
@@ -654,7 +688,7 @@ def check_portshare_metrics(res, target, m0, m1, calls, ports):
     else:
         conns = delta("portshare_backend_connections_total", "backend")
     res["ps_conns"] = [int(conns.get(k, 0)) for k in keys]
-    if target == "portshare-h2":
+    if h2:
         ok = delta("portshare_calls_total", "backend", {"grpc_status": "0"})
         res["ps_calls"] = [int(ok.get(k, 0)) for k in keys]
         statuses = delta("portshare_calls_total", "grpc_status")
@@ -773,7 +807,7 @@ def summarize(runs, idles, targets_by_set):
                 elif "ps_conns" in mid:
                     ps = "conns " + "/".join(str(c) for c in sorted(mid["ps_conns"],
                                                                      reverse=True))
-                rows.append({
+                row = {
                     "set": set_name, "target": t, "workload": wname, "rounds": len(rs),
                     "rps": median([r.get("rps") for r in rs]),
                     "p50": median([r.get("p50") for r in rs]),
@@ -787,7 +821,10 @@ def summarize(runs, idles, targets_by_set):
                     "idle": idle_by_target.get(t),
                     "spread": shares(mid.get("backend_calls", [])),
                     "portshare": ps,
-                })
+                }
+                if BASELINE and t.startswith("portshare-"):
+                    row["build"] = build_of(t)
+                rows.append(row)
     return rows
 
 
@@ -804,13 +841,39 @@ def table(rows):
         if r["failed"]:
             errors += f" ({r['failed']} runs could not start)"
         lines.append("| " + " | ".join([
-            r["set"], r["target"], r["workload"], fmt(r["rps"]), fmt(r["p50"], 2),
+            r["set"], label(r["target"]), r["workload"], fmt(r["rps"]), fmt(r["p50"], 2),
             fmt(r["p99"], 2), errors,
             fmt(r["cpu"], 1) if proxy else "—",
             fmt(r["rss"], 1) if proxy else "—",
             fmt(r["idle"], 1) if proxy and r["idle"] is not None else "—",
             r["spread"], r["portshare"]]) + " |")
     return "\n".join(lines)
+
+
+def change(new, base):
+    """The change from base to new, in % of base; "n/a" if either is missing."""
+    if new is None or not base:
+        return "n/a"
+    return f"{100.0 * (new - base) / base:+.1f} %"
+
+
+def baseline_table(rows):
+    """Each portshare row against its @base peer of the same run: the change of each median,
+    in % of the baseline's."""
+    base = {(r["set"], config_of(r["target"]), r["workload"]): r for r in rows
+            if r["target"].endswith(BASE_SUFFIX)}
+    lines = ["| backends | target | load (conns x streams) | calls/s | p50 ms | p99 ms "
+             "| proxy CPU ms per 1k calls | errors (this / base) |",
+             "|---|---|---|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        b = base.get((r["set"], r["target"], r["workload"]))
+        if b is None:
+            continue
+        lines.append("| " + " | ".join([
+            r["set"], r["target"], r["workload"], change(r["rps"], b["rps"]),
+            change(r["p50"], b["p50"]), change(r["p99"], b["p99"]),
+            change(r["cpu"], b["cpu"]), f"{r['errors']} / {b['errors']}"]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def versions():
@@ -828,12 +891,17 @@ def versions():
         built = f"{PORTSHARE_REV} (BENCH_REV: built from git archive, not the working tree)"
     elif os.path.abspath(PORTSHARE) != os.path.join(ROOT, "target", "release", "portshare"):
         built = f"{PORTSHARE} (given with --portshare)"
-    return {
+    found = {
         "portshare": built,
         "haproxy": first_line(["haproxy", "-v"]),
         "nginx": first_line(["nginx", "-v"]),
         "h2load": first_line(["h2load", "--version"]),
     }
+    if BASELINE:
+        how = "BENCH_BASELINE: built from git archive" if BASELINE_REV \
+            else "given with --baseline-portshare"
+        found["baseline"] = f"{BASELINE_REV or BASELINE} ({how}; the {BASE_SUFFIX} targets)"
+    return found
 
 
 def machine():
@@ -878,6 +946,25 @@ def write_report(path, command, started, elapsed, info, rows, runs, idles, quick
     m = info["machine"]
     v = info["versions"]
     busy_runs = sum(1 for r in runs if (r.get("other_cores") or 0) > OTHER_LOAD_FLAG)
+    versions_text = f"portshare {v['portshare']}; "
+    compared = ""
+    if "baseline" in v:
+        versions_text += f"baseline portshare {v['baseline']}; "
+        against = baseline_table(rows)
+        one_round = " One round: no median damps it." if info["rounds"] == 1 else ""
+        if against:
+            compared = f"""
+## Against the baseline
+
+Each portshare target against its `{BASE_SUFFIX}` peer of the same run (same configuration,
+same rounds): the change of each median from the baseline's, in %: {build_of("portshare-l4")}
+against {build_of("portshare-l4" + BASE_SUFFIX)}. Lower is better for latency and CPU, higher
+for calls/s. CPU per call is the figure to trust (README.md, Caveats); differences under
+10-20 % are within its noise.{one_round}
+
+{against}
+"""
+    versions_text += f"{v['haproxy']}; {v['nginx']}; {v['h2load']}"
     calls_text = "; ".join(
         f"{set_name}: " + ", ".join(f"{w} {n:,}" for w, n in per.items())
         for set_name, per in info["calls"].items())
@@ -890,7 +977,7 @@ def write_report(path, command, started, elapsed, info, rows, runs, idles, quick
   which other work kept more than {OTHER_LOAD_FLAG} of a core busy: {busy_runs} of {len(runs)}
   (listed under Anomalies; the 1x1 rows are the most sensitive to it); waited
   {info['waited_for_quiet_s']} s in all for the machine to go quiet before runs
-- versions: portshare {v['portshare']}; {v['haproxy']}; {v['nginx']}; {v['h2load']}
+- versions: {versions_text}
 - workers: portshare 2 runtime threads (tokio default = cores), HAProxy `nbthread 2`,
   nginx `worker_processes 2`; 4 backends per set; h2load 1 thread (`-t 1`)
 - rounds: {info['rounds']}, targets interleaved (order rotated per round); figures are
@@ -903,7 +990,7 @@ Columns: see [README.md](README.md#reading-the-table). "—": not a proxy (nothi
 measure). Spread: the share of calls each backend answered (busiest first), counted by the
 backends themselves; for portshare also its own `/metrics` (h2: calls and pooled
 connections per backend; l4: connections per backend).
-
+{compared}
 ## Idle connections (bench_backend set, every round)
 
 | target | round | held | seconds to open | RSS before MiB | RSS held MiB | KiB per connection |
@@ -923,7 +1010,7 @@ connections per backend; l4: connections per backend).
 
 def main():
     # --portshare and --bench-backend replace the binaries the harness runs.
-    global PORTSHARE, PORTSHARE_REV, BENCH_BACKEND
+    global PORTSHARE, PORTSHARE_REV, BENCH_BACKEND, BASELINE, BASELINE_REV
     # SIGTERM/SIGHUP unwind like Ctrl-C, so every `finally` stops its children.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
@@ -934,8 +1021,9 @@ def main():
                     help="rounds over every target (default 3, quick 1)")
     ap.add_argument("--sets", default="bench_backend,python",
                     help="comma-separated backend sets to run")
-    ap.add_argument("--targets", default=",".join(ALL_TARGETS),
-                    help="comma-separated targets (default: all)")
+    ap.add_argument("--targets", default=None,
+                    help="comma-separated targets (default: all; with a baseline also "
+                         f"{', '.join(BASE_TARGETS)})")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections (0: skip)")
     ap.add_argument("--timeout", type=float, default=90.0,
                     help="seconds one h2load run may take before it counts as hung")
@@ -949,6 +1037,11 @@ def main():
     ap.add_argument("--portshare-rev", default=None,
                     help="the commit --portshare was built from, for the report (run.sh's "
                          "BENCH_REV sets it)")
+    ap.add_argument("--baseline-portshare", default=None, metavar="BIN",
+                    help="a second portshare binary, measured side by side as the targets "
+                         f"{', '.join(BASE_TARGETS)} (run.sh's BENCH_BASELINE sets it)")
+    ap.add_argument("--baseline-rev", default=None, metavar="REV",
+                    help="the commit --baseline-portshare was built from, for the report")
     ap.add_argument("--bench-backend", default=BENCH_BACKEND,
                     help="the bench_backend binary (default: target/release/examples/...)")
     ap.add_argument("--out", default=BENCH, help="where results.md/json and chart.svg go")
@@ -961,6 +1054,13 @@ def main():
     PORTSHARE = os.path.abspath(args.portshare)
     PORTSHARE_REV = args.portshare_rev
     BENCH_BACKEND = os.path.abspath(args.bench_backend)
+    if args.baseline_rev and not args.baseline_portshare:
+        ap.error("--baseline-rev needs --baseline-portshare")
+    if args.baseline_portshare:
+        BASELINE = os.path.abspath(args.baseline_portshare)
+        BASELINE_REV = args.baseline_rev
+        if not os.access(BASELINE, os.X_OK):
+            ap.error(f"--baseline-portshare: {BASELINE} is not an executable")
     python = sys.executable  # the venv's: the workers need grpcio
     # HAProxy sizes its own descriptor limit from maxconn (about 2 per connection) and
     # refuses to start if it cannot; 5,000 idle l4 connections are 10,000 sockets in a
@@ -974,10 +1074,20 @@ def main():
             continue
     rounds = args.rounds or (1 if args.quick else 3)
     scale = 0.25 if args.quick else 1.0
-    targets = [t for t in args.targets.split(",") if t]
+    known = ALL_TARGETS + (BASE_TARGETS if BASELINE else [])
+    if args.targets is None:
+        # Each baseline target right after its peer, so the two run close together in time.
+        targets = []
+        for t in ALL_TARGETS:
+            targets += [t] + ([t + BASE_SUFFIX] if t + BASE_SUFFIX in known else [])
+    else:
+        targets = [t for t in args.targets.split(",") if t]
     for t in targets:
-        if t not in ALL_TARGETS:
-            sys.exit(f"unknown target {t!r}; known: {', '.join(ALL_TARGETS)}")
+        if t in BASE_TARGETS and not BASELINE:
+            sys.exit(f"target {t!r} needs a baseline: BENCH_BASELINE=<commit> for run.sh, "
+                     f"--baseline-portshare for bench.py")
+        if t not in known:
+            sys.exit(f"unknown target {t!r}; known: {', '.join(known)}")
     sets = [s for s in args.sets.split(",") if s]
     calls = {s: {w: max(int(n * scale), 64) for w, n in CALLS[s].items()} for s in sets}
 
@@ -993,6 +1103,7 @@ def main():
         f.write(REQUEST)
     log(f"configs, logs and per-request logs in {tmp}")
 
+    width = max([13] + [len(t) for t in targets])  # of the target column in the progress log
     runs, idles, targets_by_set = [], [], []
     quiet = Quiet(args.quiet_wait, args.quiet_budget)
     for set_name in sets:
@@ -1030,7 +1141,7 @@ def main():
                                  "round": rnd, "calls": 0, "failed": True,
                                  "notes": [f"run failed: {e}"]}
                         runs.append(r)
-                        log(f"{set_name} r{rnd} {target:13} {workload[0]:5} "
+                        log(f"{set_name} r{rnd} {target:{width}} {workload[0]:5} "
                             f"{fmt(r.get('rps')):>9} calls/s  p50 {fmt(r.get('p50'), 2)} ms  "
                             f"p99 {fmt(r.get('p99'), 2)} ms  cpu/1k "
                             f"{fmt(r.get('cpu_ms_per_1k'), 1)} ms  errors {r.get('errors')}  "
@@ -1045,7 +1156,7 @@ def main():
                             i = {"set": set_name, "target": target, "round": rnd,
                                  "count": args.idle, "notes": [f"idle test failed: {e}"]}
                         idles.append(i)
-                        log(f"{set_name} r{rnd} {target:13} idle x{args.idle}: "
+                        log(f"{set_name} r{rnd} {target:{width}} idle x{args.idle}: "
                             f"{fmt(i.get('kib_per_conn'), 1)} KiB/conn"
                             + (f"  NOTES: {i['notes']}" if i["notes"] else ""))
                 if not bset.alive() or (reuse and not reuse.alive()):
@@ -1060,7 +1171,7 @@ def main():
     info["waited_for_quiet_s"] = round(quiet.waited, 1)
     rows = summarize(runs, idles, targets_by_set)
     command = args.command
-    for var in ("BENCH_REV", "BENCH_QUICK"):
+    for var in ("BENCH_BASELINE", "BENCH_REV", "BENCH_QUICK"):
         if os.environ.get(var):
             command = f"{var}={os.environ[var]} {command}"
     os.makedirs(args.out, exist_ok=True)
