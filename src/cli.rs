@@ -89,13 +89,30 @@ pub struct Opts {
     /// The service name asked about by the grpc check [default: "", the whole server].
     #[arg(long, global = true, value_name = "NAME")]
     pub health_service: Option<String>,
-    /// Spawn and supervise N workers running COMMAND (given after `--`).
-    #[arg(long, global = true, value_name = "N")]
-    pub workers: Option<u64>,
+    /// Spawn and supervise N workers running COMMAND (given after `--`); `auto`: one per
+    /// CPU this process may use (cgroup CPU quotas honoured), at least 1.
+    #[arg(long, global = true, value_name = "N|auto")]
+    pub workers: Option<String>,
     /// Worker i listens on P+i and its replacement in a rolling restart on P+N+i (N workers
     /// take 2N ports); 0 picks free ports [default: listen port + 1].
     #[arg(long, global = true, value_name = "P")]
     pub worker_port_base: Option<u64>,
+    /// A worker whose health check has failed without a pass this long is replaced (its
+    /// replacement ready first), and the hung process killed; 0: never [default: 30s].
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub worker_hang_timeout: Option<String>,
+    /// Recycle a worker after this many calls (h2) or client connections (l4), plus up to
+    /// [workers] max_calls_jitter (10%) more; 0: never [default: 0].
+    #[arg(long, global = true, value_name = "N")]
+    pub worker_max_calls: Option<u64>,
+    /// Recycle a worker after it has run this long (e.g. 6h), plus up to 10% more; 0:
+    /// never [default: 0].
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub worker_max_lifetime: Option<String>,
+    /// Recycle a worker whose process tree's resident memory stays above this (e.g.
+    /// 512MiB; measured on Linux) [default: off].
+    #[arg(long, global = true, value_name = "SIZE")]
+    pub worker_max_memory: Option<String>,
     /// The worker command and its arguments; `{port}` becomes the worker's port and
     /// `{index}` its number.
     #[arg(last = true, global = true, value_name = "COMMAND")]

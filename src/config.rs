@@ -228,8 +228,8 @@ pub struct RawHealth {
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWorkers {
-    /// How many.
-    pub count: Option<u64>,
+    /// How many: a number, or `"auto"`.
+    pub count: Option<RawCount>,
     /// Program and arguments.
     pub command: Option<Vec<String>>,
     /// First worker port; 0 = free ports.
@@ -252,6 +252,36 @@ pub struct RawWorkers {
     pub crash_loop_window: Option<String>,
     /// Rolling restart: how long a restarted worker may take to be ready.
     pub ready_timeout: Option<String>,
+    /// A worker failing its checks without a pass this long is replaced; 0 = never.
+    pub hang_timeout: Option<String>,
+    /// Calls (h2) or connections (l4) after which a worker is recycled; 0 = never.
+    pub max_calls: Option<u64>,
+    /// Random extra on `max_calls`, as a percentage ("10%").
+    pub max_calls_jitter: Option<String>,
+    /// Age after which a worker is recycled; 0 = never.
+    pub max_lifetime: Option<String>,
+    /// Random extra on `max_lifetime`, as a percentage ("10%").
+    pub max_lifetime_jitter: Option<String>,
+    /// Resident memory of a worker's process tree above which it is recycled ("512MiB").
+    pub max_memory: Option<String>,
+}
+
+/// `[workers] count` as written: a number, or `"auto"` (one worker per CPU this process
+/// may use).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawCount {
+    /// A number of workers.
+    Number(u64),
+    /// `"auto"` (or a number written as text, as the environment gives it).
+    Text(String),
+}
+
+/// One worker per CPU this process may use: `available_parallelism` honours the CPU
+/// affinity mask and cgroup (v1 and v2) CPU quotas, so a container limited to 2 CPUs on a
+/// 64-core host gets 2 workers; at least 1.
+fn auto_count() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
 
 /// `[ejection]` as written.
@@ -365,6 +395,9 @@ fn layer(
         ("connect_timeout", &opts.connect_timeout),
         ("idle_timeout", &opts.idle_timeout),
         ("queue_timeout", &opts.queue_timeout),
+        ("workers.hang_timeout", &opts.worker_hang_timeout),
+        ("workers.max_lifetime", &opts.worker_max_lifetime),
+        ("workers.max_memory", &opts.worker_max_memory),
         ("log_format", &opts.log_format),
         ("health.check", &opts.health),
         ("tls.cert", &opts.tls_cert),
@@ -382,14 +415,21 @@ fn layer(
     let numbers = [
         ("max_connections", opts.max_connections),
         ("connect_attempts", opts.connect_attempts),
-        ("workers.count", opts.workers),
         ("workers.port_base", opts.worker_port_base),
+        ("workers.max_calls", opts.worker_max_calls),
         ("h2.max_calls_per_backend", opts.max_calls_per_backend),
     ];
     for (key, value) in numbers {
         if let Some(v) = value {
             builder = builder.set_override(key, v).map_err(|e| flag(key, e))?;
         }
+    }
+    if let Some(count) = &opts.workers {
+        builder = match count.trim().parse::<u64>() {
+            Ok(n) => builder.set_override("workers.count", n),
+            Err(_) => builder.set_override("workers.count", count.as_str()),
+        }
+        .map_err(|e| flag("workers.count", e))?;
     }
     if !opts.command.is_empty() {
         builder = builder
@@ -753,15 +793,25 @@ impl RawHealth {
 
 impl RawWorkers {
     fn validate(&self, listen: SocketAddr) -> Result<WorkersConfig, ConfigError> {
-        let count = match self.count {
+        let count = match &self.count {
             None => {
                 return Err(err(
                     "workers.count",
-                    "how many workers? give --workers N (with the command after --)",
+                    "how many workers? give --workers N or auto (with the command after --)",
                 ));
             }
-            Some(n @ 1..=1024) => n as usize,
-            Some(n) => {
+            Some(RawCount::Number(n)) => *n,
+            Some(RawCount::Text(t)) if t.trim() == "auto" => auto_count(),
+            Some(RawCount::Text(t)) => t.trim().parse::<u64>().map_err(|_| {
+                err(
+                    "workers.count",
+                    format!("{t:?} is not a number of workers or \"auto\""),
+                )
+            })?,
+        };
+        let count = match count {
+            n @ 1..=1024 => n as usize,
+            n => {
                 return Err(err(
                     "workers.count",
                     format!("{n} is out of range (1 to 1024)"),
@@ -864,8 +914,85 @@ impl RawWorkers {
                 self.ready_timeout.as_deref(),
                 "60s",
             )?,
+            hang_timeout: nonzero(duration(
+                "workers.hang_timeout",
+                self.hang_timeout.as_deref(),
+                "30s",
+            )?),
+            max_calls: self.max_calls.filter(|n| *n > 0),
+            max_calls_jitter: percent(
+                "workers.max_calls_jitter",
+                self.max_calls_jitter.as_deref(),
+            )?,
+            max_lifetime: nonzero(duration(
+                "workers.max_lifetime",
+                self.max_lifetime.as_deref(),
+                "0s",
+            )?),
+            max_lifetime_jitter: percent(
+                "workers.max_lifetime_jitter",
+                self.max_lifetime_jitter.as_deref(),
+            )?,
+            max_memory: self
+                .max_memory
+                .as_deref()
+                .map(|text| bytes("workers.max_memory", text))
+                .transpose()?
+                .filter(|n| *n > 0),
         })
     }
+}
+
+/// `None` for a zero duration (the "never" of the recycling keys).
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+/// A percentage such as `10%` (the `%` may be left out), as a fraction; 10% when unset.
+fn percent(key: &str, value: Option<&str>) -> Result<f64, ConfigError> {
+    let text = value.unwrap_or("10%").trim();
+    match text.strip_suffix('%').unwrap_or(text).trim().parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p / 100.0),
+        _ => Err(err(
+            key,
+            format!("{text:?} is not a percentage from 0% to 100%"),
+        )),
+    }
+}
+
+/// A size such as `512MiB`, `2GiB`, `300MB` or `1048576` (bytes).
+fn bytes(key: &str, text: &str) -> Result<u64, ConfigError> {
+    const UNITS: [(&str, u64); 9] = [
+        ("KiB", 1 << 10),
+        ("MiB", 1 << 20),
+        ("GiB", 1 << 30),
+        ("TiB", 1 << 40),
+        ("KB", 1_000),
+        ("MB", 1_000_000),
+        ("GB", 1_000_000_000),
+        ("TB", 1_000_000_000_000),
+        ("B", 1),
+    ];
+    let text = text.trim();
+    let bad = || {
+        err(
+            key,
+            format!("{text:?} is not a size like 512MiB, 2GiB or 300MB"),
+        )
+    };
+    let (number, unit) = UNITS
+        .iter()
+        .find_map(|(name, factor)| text.strip_suffix(name).map(|n| (n.trim(), *factor)))
+        .unwrap_or((text, 1));
+    let n: f64 = number.parse().map_err(|_| bad())?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(bad());
+    }
+    let total = n * unit as f64;
+    if total > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(total as u64)
 }
 
 impl Config {
@@ -922,7 +1049,7 @@ impl Config {
                 max_calls_per_backend: Some(self.h2.max_calls_per_backend.unwrap_or(0) as u64),
             }),
             workers: self.workers.as_ref().map(|w| RawWorkers {
-                count: Some(w.count as u64),
+                count: Some(RawCount::Number(w.count as u64)),
                 command: Some(w.command.clone()),
                 port_base: Some(u64::from(w.port_base)),
                 env: Some(w.env.clone()),
@@ -934,6 +1061,12 @@ impl Config {
                 crash_loop_restarts: Some(u64::from(w.crash_loop_restarts)),
                 crash_loop_window: Some(human(w.crash_loop_window)),
                 ready_timeout: Some(human(w.ready_timeout)),
+                hang_timeout: Some(w.hang_timeout.map_or_else(|| "0s".to_owned(), human)),
+                max_calls: Some(w.max_calls.unwrap_or(0)),
+                max_calls_jitter: Some(format!("{}%", w.max_calls_jitter * 100.0)),
+                max_lifetime: Some(w.max_lifetime.map_or_else(|| "0s".to_owned(), human)),
+                max_lifetime_jitter: Some(format!("{}%", w.max_lifetime_jitter * 100.0)),
+                max_memory: Some(format!("{}B", w.max_memory.unwrap_or(0))),
             }),
         };
         toml::to_string(&raw)
@@ -1273,7 +1406,7 @@ mod tests {
     fn the_shipped_example_config_documents_every_key() {
         let text = include_str!("../config/portshare.toml");
         let workers = Opts {
-            workers: Some(2),
+            workers: Some("2".into()),
             listen: Some("127.0.0.1:9000".into()),
             command: vec!["true".into()],
             health: Some("grpc".into()),
@@ -1313,5 +1446,60 @@ mod tests {
             ..Opts::default()
         };
         load(&o, &env(&[])).unwrap_or_else(|e| panic!("config/portshare.toml: {e}"));
+    }
+
+    #[test]
+    fn sizes_and_percentages_read_as_written() {
+        assert_eq!(bytes("k", "512MiB"), Ok(512 << 20));
+        assert_eq!(bytes("k", "2GiB"), Ok(2 << 30));
+        assert_eq!(bytes("k", "300MB"), Ok(300_000_000));
+        assert_eq!(bytes("k", "1.5 KiB"), Ok(1536));
+        assert_eq!(bytes("k", "4096"), Ok(4096));
+        let e = bytes("workers.max_memory", "lots").expect_err("not a size");
+        assert_eq!(e.key, "workers.max_memory");
+        assert!(bytes("k", "-1MiB").is_err());
+        assert_eq!(percent("k", Some("25%")), Ok(0.25));
+        assert_eq!(percent("k", Some("0")), Ok(0.0));
+        assert_eq!(percent("k", None), Ok(0.1));
+        assert_eq!(
+            percent("workers.max_calls_jitter", Some("150%")).map_err(|e| e.key),
+            Err("workers.max_calls_jitter".to_owned())
+        );
+    }
+
+    #[test]
+    fn recycling_is_off_unless_asked_and_hang_detection_is_on() {
+        let mut o = Opts {
+            workers: Some("2".into()),
+            worker_port_base: Some(0),
+            command: vec!["true".into()],
+            ..Opts::default()
+        };
+        let w = load(&o, &env(&[])).ok().and_then(|c| c.workers);
+        let Some(w) = w else {
+            panic!("a worker configuration");
+        };
+        assert_eq!(w.hang_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            (w.max_calls, w.max_lifetime, w.max_memory),
+            (None, None, None)
+        );
+        o.worker_hang_timeout = Some("0s".into());
+        o.worker_max_memory = Some("1GiB".into());
+        let w = load(&o, &env(&[("PORTSHARE_WORKERS__MAX_CALLS", "1000")]))
+            .ok()
+            .and_then(|c| c.workers);
+        let Some(w) = w else {
+            panic!("a worker configuration");
+        };
+        assert_eq!(w.hang_timeout, None);
+        assert_eq!(w.max_calls, Some(1000));
+        assert_eq!(w.max_memory, Some(1 << 30));
+        o.workers = Some("auto".into());
+        let count = load(&o, &env(&[]))
+            .ok()
+            .and_then(|c| c.workers)
+            .map(|w| w.count);
+        assert!(count.is_some_and(|n| n >= 1));
     }
 }

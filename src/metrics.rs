@@ -34,10 +34,15 @@ pub const BACKEND_UP: &str = "portshare_backend_up";
 pub const HEALTH_CHECKS: &str = "portshare_health_checks_total";
 /// How long health checks take, by `check` (tcp/grpc).
 pub const HEALTH_CHECK_SECONDS: &str = "portshare_health_check_duration_seconds";
-/// Times each spawned worker was restarted.
+/// Times each spawned worker was restarted, by `reason` (exited, rolling, hung, calls,
+/// lifetime, memory).
 pub const WORKER_RESTARTS: &str = "portshare_worker_restarts_total";
 /// Rolling restarts of the spawned workers, by `result` (done/failed).
 pub const ROLLING_RESTARTS: &str = "portshare_rolling_restarts_total";
+/// Calls (h2) or client connections (l4) each spawned worker took, over all its processes.
+pub const WORKER_CALLS: &str = "portshare_worker_calls_total";
+/// Resident memory of each spawned worker's process tree (Linux), sampled every few seconds.
+pub const WORKER_MEMORY: &str = "portshare_worker_memory_bytes";
 /// 1 while a spawned worker's process runs, else 0.
 pub const WORKER_UP: &str = "portshare_worker_up";
 /// h2 mode: calls finished, by `backend` and `grpc_status`.
@@ -154,7 +159,19 @@ fn describe() {
         Unit::Seconds,
         "How long health checks take."
     );
-    describe_counter!(WORKER_RESTARTS, "Times each spawned worker was restarted.");
+    describe_counter!(
+        WORKER_RESTARTS,
+        "Times each spawned worker was restarted, by reason (exited, rolling, hung, calls, lifetime, memory)."
+    );
+    describe_counter!(
+        WORKER_CALLS,
+        "Calls (h2) or connections (l4) each spawned worker took."
+    );
+    describe_gauge!(
+        WORKER_MEMORY,
+        Unit::Bytes,
+        "Resident memory of each spawned worker's process tree."
+    );
     describe_counter!(
         ROLLING_RESTARTS,
         "Rolling restarts of the spawned workers, by result (done/failed)."

@@ -50,6 +50,20 @@ struct Row {
     restarts: u64,
     ejections: u64,
     last_check: Option<String>,
+    /// Calls (h2) or connections (l4) its running process took (absent from older versions).
+    #[serde(default)]
+    calls_served: u64,
+    #[serde(default)]
+    age_s: Option<u64>,
+    #[serde(default)]
+    memory_bytes: Option<u64>,
+    #[serde(default)]
+    recycle_due: Option<String>,
+}
+
+/// Bytes as MiB with one decimal, the unit of worker memory.
+fn mib(bytes: u64) -> String {
+    format!("{:.1}Mi", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// GET `path` from the admin endpoint at `addr`: (status code, body).
@@ -135,7 +149,7 @@ pub fn restart(addr: SocketAddr) -> Result<String, StatusError> {
 
 fn render(rows: &[Row]) -> String {
     let dash = || "-".to_owned();
-    let table: Vec<[String; 9]> = rows
+    let table: Vec<[String; 13]> = rows
         .iter()
         .map(|r| {
             [
@@ -147,6 +161,12 @@ fn render(rows: &[Row]) -> String {
                 r.active_connections.to_string(),
                 r.restarts.to_string(),
                 r.ejections.to_string(),
+                r.worker.map_or_else(dash, |_| r.calls_served.to_string()),
+                r.age_s.map_or_else(dash, |s| {
+                    humantime::format_duration(Duration::from_secs(s)).to_string()
+                }),
+                r.memory_bytes.map_or_else(dash, mib),
+                r.recycle_due.clone().unwrap_or_else(dash),
                 r.last_check.clone().unwrap_or_else(dash),
             ]
         })
@@ -160,6 +180,10 @@ fn render(rows: &[Row]) -> String {
         "ACTIVE",
         "RESTARTS",
         "EJECTIONS",
+        "CALLS",
+        "AGE",
+        "MEMORY",
+        "RECYCLE",
         "LAST CHECK",
     ];
     let mut widths = header.map(str::len);
@@ -194,7 +218,8 @@ mod tests {
     fn renders_an_aligned_table() {
         let rows: Vec<Row> = serde_json::from_str(
             r#"[{"name":"127.0.0.1:50052","worker":0,"pid":4242,"state":"healthy","state_for_s":65,
-                 "active_connections":3,"restarts":1,"ejections":0,"last_check":"ok","ready":true},
+                 "active_connections":3,"restarts":1,"ejections":0,"last_check":"ok","ready":true,
+                 "calls_served":812,"age_s":3700,"memory_bytes":52428800,"recycle_due":"calls"},
                 {"name":"10.0.0.1:7","worker":null,"pid":null,"state":"unhealthy","state_for_s":2,
                  "active_connections":0,"restarts":0,"ejections":2,"last_check":"connect: refused"}]"#,
         )
@@ -205,6 +230,13 @@ mod tests {
         assert!(lines[0].starts_with("BACKEND"));
         assert!(
             lines[1].contains("4242") && lines[1].contains("1m 5s") && lines[1].contains("healthy")
+        );
+        assert!(
+            lines[1].contains("812")
+                && lines[1].contains("1h 1m 40s")
+                && lines[1].contains("50.0Mi")
+                && lines[1].contains("calls"),
+            "{text}"
         );
         assert!(lines[2].contains("unhealthy") && lines[2].contains("connect: refused"));
         let state_col = lines[0].find("STATE").expect("STATE column");

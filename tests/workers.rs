@@ -8,6 +8,8 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use serde_json::Value;
+#[cfg(target_os = "linux")]
+use support::alive;
 use support::{Proxy, client, eventually, python, python_dir, spread_counts};
 
 fn start(n: usize, extra_worker_args: &[&str], env: &[(&str, &str)], flags: &[&str]) -> Proxy {
@@ -29,17 +31,6 @@ fn pids(proxy: &Proxy) -> Vec<u32> {
 
 fn worker_entry(proxy: &Proxy, index: u64) -> Value {
     proxy.worker_entry(index)
-}
-
-/// Whether a process runs (a zombie counts as gone).
-#[cfg(target_os = "linux")]
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 #[cfg(target_os = "linux")]
@@ -134,7 +125,7 @@ fn a_killed_worker_comes_back_with_a_new_pid_and_no_call_fails() {
     let w = worker_entry(&proxy, 1);
     assert_eq!(w["address"], port, "same port after the restart");
     assert_eq!(w["restarts"], 1, "{w}");
-    assert!(proxy.metric("portshare_worker_restarts_total{worker=\"1\"}") >= 1.0);
+    assert!(proxy.metric("portshare_worker_restarts_total{worker=\"1\",reason=\"exited\"}") >= 1.0);
     let r = client(&["spread", "--target", &proxy.target(), "--channels", "12"]);
     assert_eq!(
         spread_counts(&r).len(),

@@ -61,6 +61,12 @@ struct WorkerState {
     /// Times the worker was restarted (kept by the supervisor across the backends a
     /// worker moves through in surge restarts).
     restarts: u64,
+    /// When the running process started.
+    started_at: Option<Instant>,
+    /// Resident memory of its process tree at the last sample.
+    memory: Option<u64>,
+    /// Why it is about to be recycled, once that is due.
+    due: Option<&'static str>,
 }
 
 /// Everything about a backend that changes off the hot path, under one lock.
@@ -103,10 +109,12 @@ struct BackendMetrics {
     up: Gauge,
     /// h2 mode: calls that ended OK, by far the most common label set, so registered once.
     calls_ok: Counter,
+    /// A spawned worker's calls (h2) or connections (l4), over all its processes.
+    worker_calls: Option<Counter>,
 }
 
 impl BackendMetrics {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, worker: Option<WorkerIndex>) -> Self {
         let label = || ("backend", name.to_owned());
         let error = |reason: &'static str| counter!(m::BACKEND_CONNECT_ERRORS, "backend" => name.to_owned(), "reason" => reason);
         Self {
@@ -120,6 +128,7 @@ impl BackendMetrics {
             active: gauge!(m::BACKEND_ACTIVE, &[label()]),
             up: gauge!(m::BACKEND_UP, &[label()]),
             calls_ok: counter!(m::CALLS, "backend" => name.to_owned(), "grpc_status" => "0"),
+            worker_calls: worker.map(|w| counter!(m::WORKER_CALLS, "worker" => w.to_string())),
         }
     }
 }
@@ -145,6 +154,8 @@ pub struct Backend {
     spec: BackendSpec,
     /// Connections proxied to it right now; least-conn and p2c read it.
     active: AtomicUsize,
+    /// Calls (h2) or connections (l4) it took since its process started, for recycling.
+    served: AtomicU64,
     /// Ejection, health and worker state; touched when a connect fails, a check ends or
     /// the supervisor acts, and read when a backend is picked.
     state: Mutex<State>,
@@ -181,6 +192,14 @@ pub struct BackendStatus {
     pub last_check: Option<String>,
     /// Times the worker was restarted.
     pub restarts: u64,
+    /// Calls (h2) or connections (l4) its running process took.
+    pub calls_served: u64,
+    /// Seconds since its running process started.
+    pub age_s: Option<u64>,
+    /// Resident memory of its process tree, bytes, as last sampled (Linux).
+    pub memory_bytes: Option<u64>,
+    /// Why it is being recycled, when that is due: hung, calls, lifetime or memory.
+    pub recycle_due: Option<&'static str>,
     /// Connections open to it now.
     pub active_connections: usize,
     /// Passive ejections so far.
@@ -200,7 +219,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Backend {
     fn new(id: u64, spec: BackendSpec, now: Instant, capacity: Arc<Capacity>) -> Self {
-        let metrics = BackendMetrics::new(&spec.name);
+        let metrics = BackendMetrics::new(&spec.name, spec.worker);
         // A spawned worker must prove itself first; a configured backend is given the
         // benefit of the doubt until its first check.
         let health = if spec.worker.is_some() {
@@ -212,6 +231,7 @@ impl Backend {
             id,
             spec,
             active: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
             state: Mutex::new(State {
                 passive: Passive::default(),
                 health: HealthState::new(health, now),
@@ -279,6 +299,10 @@ impl Backend {
         let before = {
             let mut s = lock(&self.state);
             s.worker.restarts = restarts;
+            s.worker.started_at = Some(now);
+            s.worker.memory = None;
+            s.worker.due = None;
+            self.served.store(0, Ordering::Relaxed);
             s.worker.pid = pid;
             // Ejections of the previous process say nothing about this one.
             s.passive.ejected_until = None;
@@ -336,7 +360,36 @@ impl Backend {
     /// Counts a connection to this backend until the guard is dropped.
     pub fn track(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.count_served();
         ActiveGuard(Arc::clone(self))
+    }
+
+    /// Counts one more call or connection served (see `served`).
+    fn count_served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = &self.metrics.worker_calls {
+            c.increment(1);
+        }
+    }
+
+    /// Calls (h2) or connections (l4) taken since the process started.
+    pub fn calls_served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// When a check last passed.
+    pub fn last_pass(&self) -> Option<Instant> {
+        lock(&self.state).health.last_pass
+    }
+
+    /// Records the worker's resident memory (its whole process tree), as last sampled.
+    pub fn set_memory(&self, bytes: Option<u64>) {
+        lock(&self.state).worker.memory = bytes;
+    }
+
+    /// Records why the worker is about to be recycled (`None`: nothing is due).
+    pub fn set_due(&self, why: Option<&'static str>) {
+        lock(&self.state).worker.due = why;
     }
 
     /// Like [`Backend::track`], unless `cap` calls are in flight there already.
@@ -349,7 +402,10 @@ impl Backend {
                 (n < cap).then_some(n + 1)
             })
             .ok()
-            .map(|_| ActiveGuard(Arc::clone(self)))
+            .map(|_| {
+                self.count_served();
+                ActiveGuard(Arc::clone(self))
+            })
     }
 
     /// Waits until no call or connection is counted here any more, for up to `limit`;
@@ -409,6 +465,14 @@ impl Backend {
             state_for_s: now.saturating_duration_since(s.health.since).as_secs(),
             last_check: s.health.last_check.clone(),
             restarts: s.worker.restarts,
+            calls_served: self.calls_served(),
+            age_s: s
+                .worker
+                .started_at
+                .filter(|_| s.worker.pid.is_some())
+                .map(|t| now.saturating_duration_since(t).as_secs()),
+            memory_bytes: s.worker.memory.filter(|_| s.worker.pid.is_some()),
+            recycle_due: s.worker.due,
             active_connections: self.active(),
             ejections: p.ejections,
             ejected_for_ms: ejected_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -613,6 +677,10 @@ impl BackendSet {
             *list = next.into();
         }
         backend.retired.cancel();
+        // Its gauges stay in the exposition (the address may come back as a worker's spare
+        // port); they must not go on saying it is up.
+        backend.metrics.up.set(0.0);
+        backend.metrics.active.set(0.0);
         self.members.send_modify(|n| *n += 1);
     }
 

@@ -99,6 +99,8 @@ pub struct HealthState {
     pub last_check: Option<String>,
     /// Times it entered rotation: a call that one incarnation refused may try the next.
     pub generation: u64,
+    /// When a check last passed: a worker failing since long before is hung.
+    pub last_pass: Option<Instant>,
 }
 
 impl HealthState {
@@ -111,6 +113,7 @@ impl HealthState {
             failures: 0,
             last_check: None,
             generation: 0,
+            last_pass: None,
         }
     }
 
@@ -158,6 +161,7 @@ impl HealthState {
         let fresh = matches!(self.health, Health::Unknown | Health::Starting);
         match result {
             CheckResult::Pass => {
+                self.last_pass = Some(now);
                 self.passes = self.passes.saturating_add(1);
                 self.failures = 0;
                 if self.health != Health::Healthy && (fresh || self.passes >= thresholds.healthy) {

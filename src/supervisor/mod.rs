@@ -37,7 +37,7 @@ impl WorkerOutput {
 }
 
 /// How workers are started, restarted and stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkersConfig {
     /// How many run at once.
     pub count: usize,
@@ -66,9 +66,25 @@ pub struct WorkersConfig {
     /// In a rolling restart, how long a replacement may take to become ready before it is
     /// stopped and the restart ends as failed (the old process and the rest keep running).
     pub ready_timeout: Duration,
+    /// A worker that was ready and has failed its checks without a pass for this long is
+    /// hung: it is replaced and its process killed. `None`: never.
+    pub hang_timeout: Option<Duration>,
+    /// Calls (h2) or client connections (l4) after which a worker is recycled. `None`: never.
+    pub max_calls: Option<u64>,
+    /// Up to this fraction more on `max_calls`, drawn per process, so that workers started
+    /// together do not all recycle together.
+    pub max_calls_jitter: f64,
+    /// Age after which a worker is recycled. `None`: never.
+    pub max_lifetime: Option<Duration>,
+    /// Up to this fraction more on `max_lifetime`, drawn per process.
+    pub max_lifetime_jitter: f64,
+    /// Resident memory of a worker's process tree above which (two samples in a row) it is
+    /// recycled. `None`: never.
+    pub max_memory: Option<u64>,
 }
 
 mod crash;
+mod memory;
 mod ports;
 #[cfg(unix)]
 mod unix;
@@ -86,7 +102,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use metrics::counter;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -142,6 +158,8 @@ pub struct Supervisor {
     watchers: Vec<mpsc::Sender<Restart>>,
     /// The backends, where each worker's current process is found.
     set: Arc<BackendSet>,
+    /// At most one worker is replaced at a time (see `Watcher::replacing`).
+    replacing: Arc<Semaphore>,
     /// Set while a rolling restart runs, so a second request does not start another.
     rolling: Arc<AtomicBool>,
     /// Keeps the platform's process control alive (the Job Object on Windows).
@@ -195,6 +213,12 @@ impl Supervisor {
         let (crash_tx, crashes) = mpsc::channel(1);
         let mut tasks = JoinSet::new();
         let mut watchers = Vec::new();
+        let replacing = Arc::new(Semaphore::new(1));
+        if config.max_memory.is_some() && !memory::MEASURED {
+            tracing::warn!(
+                "workers.max_memory: resident memory is measured on Linux only; no worker is recycled for memory here"
+            );
+        }
         let fleet = Arc::new(Fleet::new(
             Arc::clone(set),
             config.count,
@@ -219,6 +243,7 @@ impl Supervisor {
                 stop: stop.clone(),
                 crash: crash_tx.clone(),
                 fleet: Arc::clone(&fleet),
+                replacing: Arc::clone(&replacing),
             };
             tasks.spawn(watcher.run(restart_rx));
             watchers.push(restart_tx);
@@ -229,6 +254,7 @@ impl Supervisor {
             crashes: Some(crashes),
             watchers,
             set: Arc::clone(set),
+            replacing,
             rolling: Arc::new(AtomicBool::new(false)),
             _guard: guard,
         })
@@ -253,11 +279,12 @@ impl Supervisor {
         }
         let watchers = self.watchers.clone();
         let set = Arc::clone(&self.set);
+        let replacing = Arc::clone(&self.replacing);
         let rolling = Arc::clone(&self.rolling);
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let outcome = tokio::select! {
-                o = roll(&watchers, &set) => Some(o),
+                o = roll(&watchers, &set, &replacing) => Some(o),
                 () = stop.cancelled() => None,
             };
             rolling.store(false, Ordering::Release);
@@ -309,7 +336,11 @@ fn current(set: &BackendSet, index: usize) -> Option<Arc<Backend>> {
 }
 
 /// One pass of a rolling restart.
-async fn roll(watchers: &[mpsc::Sender<Restart>], set: &BackendSet) -> RestartOutcome {
+async fn roll(
+    watchers: &[mpsc::Sender<Restart>],
+    set: &BackendSet,
+    replacing: &Arc<Semaphore>,
+) -> RestartOutcome {
     tracing::info!(
         workers = watchers.len(),
         "rolling restart: one worker at a time, each replacement ready before the old process goes"
@@ -322,6 +353,10 @@ async fn roll(watchers: &[mpsc::Sender<Restart>], set: &BackendSet) -> RestartOu
             tracing::info!(worker = index, state = ?state, "rolling restart: skipping a worker that is not ready");
             continue;
         }
+        // One replacement at a time, also with the workers' own recycling.
+        let Ok(_turn) = Arc::clone(replacing).acquire_owned().await else {
+            return RestartOutcome::Failed("portshare is stopping".to_owned());
+        };
         let (done_tx, done_rx) = oneshot::channel();
         if watcher.send(done_tx).await.is_err() {
             return RestartOutcome::Failed("portshare is stopping".to_owned());

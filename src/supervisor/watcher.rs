@@ -14,14 +14,15 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, counter, gauge};
+use metrics::{Gauge, counter, gauge};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::crash::{CrashLoop, Fleet};
+use super::memory;
 use super::ports::{self, WorkerPorts};
 use super::{WORKER_HOST, WorkerOutput, WorkersConfig, platform};
 use crate::backend::{Backend, BackendSet, BackendSpec, Health, WorkerIndex};
@@ -30,6 +31,58 @@ use crate::metrics as m;
 
 /// How often a surge restart looks whether the replacement is ready.
 const READY_POLL: Duration = Duration::from_millis(50);
+
+/// How often a running worker is looked at for recycling (hung, calls, lifetime, memory).
+const RECYCLE_TICK: Duration = Duration::from_secs(1);
+
+/// How often its memory is sampled when `max_memory` is set ("two samples in a row" make
+/// a recycle, so a spike shorter than this is forgiven); without a limit, only for
+/// `/backends` and the metric, less often.
+const MEMORY_SAMPLE_LIMITED: Duration = Duration::from_secs(2);
+const MEMORY_SAMPLE: Duration = Duration::from_secs(10);
+
+/// After a recycle whose replacement failed, the next try waits this long at first
+/// (doubling up to `restart_backoff_max`).
+const RECYCLE_RETRY: Duration = Duration::from_secs(5);
+
+/// Why a worker gets a new process: the `reason` label of its restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reason {
+    /// It exited by itself.
+    Exited,
+    /// A rolling restart (SIGHUP, `portshare restart`).
+    Rolling,
+    /// Its checks failed without a pass for `hang_timeout`.
+    Hung,
+    /// It served `max_calls`.
+    Calls,
+    /// It ran for `max_lifetime`.
+    Lifetime,
+    /// Its memory stayed above `max_memory`.
+    Memory,
+}
+
+impl Reason {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Reason::Exited => "exited",
+            Reason::Rolling => "rolling",
+            Reason::Hung => "hung",
+            Reason::Calls => "calls",
+            Reason::Lifetime => "lifetime",
+            Reason::Memory => "memory",
+        }
+    }
+}
+
+/// One process's recycling limits, jittered when it starts.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Recycle once it has served this many.
+    calls: Option<u64>,
+    /// Recycle once this time has come.
+    until: Option<Instant>,
+}
 
 /// Asks a watcher to replace its worker; answered with the outcome once the old process
 /// is gone (or the replacement failed and the old one still serves).
@@ -60,6 +113,17 @@ pub(super) struct Watcher {
     pub(super) crash: mpsc::Sender<CrashLoop>,
     /// Every worker's exits, for that verdict.
     pub(super) fleet: Arc<Fleet>,
+    /// One permit, shared by every watcher and the rolling restart: at most one worker is
+    /// being replaced at a time, so capacity never drops by more than the hung one.
+    pub(super) replacing: Arc<Semaphore>,
+}
+
+/// What woke a watcher.
+enum Next {
+    Exited(io::Result<ExitStatus>),
+    Stop,
+    Asked(Restart),
+    Tick,
 }
 
 /// Why a running worker's wait ended.
@@ -86,7 +150,14 @@ enum Surge {
 /// The watcher's per-worker metric handles.
 struct WorkerMetrics {
     up: Gauge,
-    restarts: Counter,
+    memory: Gauge,
+}
+
+impl WorkerMetrics {
+    fn restarted(index: WorkerIndex, reason: Reason) {
+        counter!(m::WORKER_RESTARTS, "worker" => index.to_string(), "reason" => reason.as_str())
+            .increment(1);
+    }
 }
 
 impl Watcher {
@@ -95,14 +166,14 @@ impl Watcher {
             Backoff::new(self.config.restart_backoff, self.config.restart_backoff_max);
         let metrics = WorkerMetrics {
             up: gauge!(m::WORKER_UP, "worker" => self.index.to_string()),
-            restarts: counter!(m::WORKER_RESTARTS, "worker" => self.index.to_string()),
+            memory: gauge!(m::WORKER_MEMORY, "worker" => self.index.to_string()),
         };
         let mut restarts = 0u64;
         let mut first = true;
         while !self.stop.is_cancelled() {
             if !first {
                 restarts += 1;
-                metrics.restarts.increment(1);
+                WorkerMetrics::restarted(self.index, Reason::Exited);
                 // The port must be free again; an outgoing connection may have taken it.
                 if let Err(e) = ports::port_is_free(self.ports.current) {
                     let pause = backoff.next_delay();
@@ -152,7 +223,7 @@ impl Watcher {
     }
 
     /// Watches the running process until it exits or portshare stops, replacing it
-    /// whenever a rolling restart asks.
+    /// whenever a rolling restart asks, or when it is hung or due for recycling.
     async fn watch(
         &mut self,
         mut child: Child,
@@ -160,49 +231,148 @@ impl Watcher {
         restarts: &mut u64,
         metrics: &WorkerMetrics,
     ) -> Ended {
+        let mut limits = self.limits(Instant::now());
+        let mut tick = tokio::time::interval(RECYCLE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let sample_every = if self.config.max_memory.is_some() {
+            MEMORY_SAMPLE_LIMITED
+        } else {
+            MEMORY_SAMPLE
+        };
+        let mut next_sample = Instant::now();
+        let mut over_memory = 0u32;
+        let mut retry = Backoff::new(
+            RECYCLE_RETRY,
+            self.config.restart_backoff_max.max(RECYCLE_RETRY),
+        );
+        let mut retry_at = Instant::now();
         loop {
             // Read now: a child that has been waited for no longer says.
             let pid = child.id();
-            let reply = tokio::select! {
-                status = child.wait() => {
+            let next = tokio::select! {
+                status = child.wait() => Next::Exited(status),
+                () = self.stop.cancelled() => Next::Stop,
+                Some(reply) = asked.recv() => Next::Asked(reply),
+                _ = tick.tick() => Next::Tick,
+            };
+            let (reason, reply, permit) = match next {
+                Next::Exited(status) => {
                     // Out of rotation at once: its pid is gone.
                     self.backend.worker_stopped(Instant::now());
                     self.guard.forget(pid);
                     return Ended::Exited(status);
                 }
-                () = self.stop.cancelled() => {
+                Next::Stop => {
                     let backend = Arc::clone(&self.backend);
-                    self.retire(&mut child, &backend).await;
+                    self.retire(&mut child, &backend, true).await;
                     return Ended::Stopped;
                 }
-                Some(reply) = asked.recv() => reply,
+                // The rolling restart holds the replacing permit itself.
+                Next::Asked(reply) => (Reason::Rolling, Some(reply), None),
+                Next::Tick => {
+                    let now = Instant::now();
+                    if now >= next_sample {
+                        next_sample = now + sample_every;
+                        let rss = pid.and_then(memory::tree_rss);
+                        self.backend.set_memory(rss);
+                        if let Some(bytes) = rss {
+                            metrics.memory.set(bytes as f64);
+                        }
+                        over_memory = match (rss, self.config.max_memory) {
+                            (Some(bytes), Some(limit)) if bytes > limit => over_memory + 1,
+                            _ => 0,
+                        };
+                    }
+                    let due = self.due(now, &limits, over_memory);
+                    self.backend.set_due(due.map(Reason::as_str));
+                    let Some(reason) = due else {
+                        continue;
+                    };
+                    if now < retry_at {
+                        continue;
+                    }
+                    // Another worker is being replaced: this one's turn comes at a later tick.
+                    let Ok(permit) = Arc::clone(&self.replacing).try_acquire_owned() else {
+                        continue;
+                    };
+                    tracing::warn!(worker = %self.index, pid, reason = reason.as_str(),
+                        calls = self.backend.calls_served(), memory = ?self.backend.status(now).memory_bytes,
+                        "replacing worker: {}", describe_reason(reason));
+                    (reason, None, Some(permit))
+                }
             };
-            match self.surge(&mut child, *restarts + 1).await {
+            match self.surge(&mut child, *restarts + 1, reason).await {
                 Surge::Done(fresh) => {
                     *restarts += 1;
-                    metrics.restarts.increment(1);
-                    let _ = reply.send(Ok(Replaced::Yes(fresh.id())));
+                    WorkerMetrics::restarted(self.index, reason);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(Replaced::Yes(fresh.id())));
+                    }
                     child = *fresh;
+                    limits = self.limits(Instant::now());
+                    over_memory = 0;
+                    retry.reset();
                 }
                 Surge::Failed(why) => {
-                    let _ = reply.send(Err(why));
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(why));
+                    } else {
+                        retry_at = Instant::now() + retry.next_delay();
+                    }
                 }
                 Surge::BothGone(status, why) => {
-                    let _ = reply.send(Err(why));
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(why));
+                    }
                     return Ended::Exited(status);
                 }
                 Surge::Stopping => {
                     let backend = Arc::clone(&self.backend);
-                    self.retire(&mut child, &backend).await;
+                    self.retire(&mut child, &backend, true).await;
                     return Ended::Stopped;
                 }
             }
+            drop(permit);
         }
+    }
+
+    /// The recycling limits of a process started at `now`, each with its own jitter.
+    fn limits(&self, now: Instant) -> Limits {
+        let c = &self.config;
+        Limits {
+            calls: c.max_calls.map(|n| {
+                let extra = (n as f64 * c.max_calls_jitter * fastrand::f64()) as u64;
+                n.saturating_add(extra)
+            }),
+            until: c
+                .max_lifetime
+                .map(|d| now + d + d.mul_f64(c.max_lifetime_jitter * fastrand::f64())),
+        }
+    }
+
+    /// Whether the running process is due for a replacement, and why.
+    fn due(&self, now: Instant, limits: &Limits, over_memory: u32) -> Option<Reason> {
+        let b = &self.backend;
+        if let Some(timeout) = self.config.hang_timeout
+            && b.health() == Health::Unhealthy
+            && b.last_pass()
+                .is_some_and(|pass| now.saturating_duration_since(pass) >= timeout)
+        {
+            return Some(Reason::Hung);
+        }
+        if limits.calls.is_some_and(|n| b.calls_served() >= n) {
+            return Some(Reason::Calls);
+        }
+        if limits.until.is_some_and(|t| now >= t) {
+            return Some(Reason::Lifetime);
+        }
+        // Two samples in a row, so one short spike does not cost a restart.
+        (over_memory >= 2).then_some(Reason::Memory)
     }
 
     /// Replaces the running process `old` without a moment of lower capacity (see the
     /// module's documentation).
-    async fn surge(&mut self, old: &mut Child, restarts: u64) -> Surge {
+    async fn surge(&mut self, old: &mut Child, restarts: u64, reason: Reason) -> Surge {
         let port = match self.spare_port() {
             Ok(p) => p,
             Err(why) => return Surge::Failed(why),
@@ -226,7 +396,7 @@ impl Watcher {
         let started = Instant::now();
         let (new_pid, old_pid) = (new.id(), old.id());
         fresh.worker_started(new_pid, restarts, started);
-        tracing::info!(worker = %self.index, pid = new_pid, port, replaces = old_pid,
+        tracing::info!(worker = %self.index, pid = new_pid, port, replaces = old_pid, reason = reason.as_str(),
             "rolling restart: replacement started");
         let deadline = started + self.config.ready_timeout;
         let mut old_exit = None;
@@ -236,7 +406,7 @@ impl Watcher {
             }
             tokio::select! {
                 () = self.stop.cancelled() => {
-                    self.retire(&mut new, &fresh).await;
+                    self.retire(&mut new, &fresh, false).await;
                     self.set.remove(&fresh);
                     return Surge::Stopping;
                 }
@@ -260,7 +430,7 @@ impl Watcher {
         if let Some(why) = failure {
             // The replacement goes; the old process (if it still runs) keeps serving.
             if new.id().is_some() {
-                self.retire(&mut new, &fresh).await;
+                self.retire(&mut new, &fresh, false).await;
             }
             self.set.remove(&fresh);
             tracing::error!(worker = %self.index, why = %why, "rolling restart: replacing the worker failed; the old process keeps serving");
@@ -278,7 +448,8 @@ impl Watcher {
             spare: self.ports.current,
         };
         if old_exit.is_none() {
-            self.retire(old, &replaced).await;
+            // A hung process finishes nothing: it is stopped at once.
+            self.retire(old, &replaced, reason != Reason::Hung).await;
         }
         self.set.remove(&replaced);
         Surge::Done(Box::new(new))
@@ -305,11 +476,11 @@ impl Watcher {
     }
 
     /// Takes a running process out of rotation for good: no new calls or connections;
-    /// those it has finish (bounded by `stop_grace`); then it is stopped.
-    async fn retire(&self, child: &mut Child, backend: &Backend) {
+    /// with `drain`, those it has finish (bounded by `stop_grace`); then it is stopped.
+    async fn retire(&self, child: &mut Child, backend: &Backend, drain: bool) {
         backend.set_health(Health::Draining, Instant::now());
         let open = backend.active();
-        if open > 0 {
+        if drain && open > 0 {
             tracing::info!(worker = %self.index, pid = child.id(), open, "draining worker: waiting for its calls and connections");
             if !backend.idle_within(self.config.stop_grace).await {
                 tracing::warn!(worker = %self.index, pid = child.id(), open = backend.active(), grace = ?self.config.stop_grace,
@@ -464,5 +635,16 @@ async fn relay(from: impl AsyncRead + Unpin, index: WorkerIndex, stream: Stream)
                 };
             }
         }
+    }
+}
+
+/// What a recycle reason means, for the log.
+fn describe_reason(reason: Reason) -> &'static str {
+    match reason {
+        Reason::Hung => "its health check has failed without a pass for hang_timeout",
+        Reason::Calls => "it served max_calls",
+        Reason::Lifetime => "it reached max_lifetime",
+        Reason::Memory => "its memory stayed above max_memory",
+        Reason::Exited | Reason::Rolling => "asked",
     }
 }

@@ -9,6 +9,8 @@ Protocol with the tests:
           so a test can tell when a call is in flight or was torn down.
   SIGTERM/SIGINT: graceful stop (in-flight calls get --grace seconds), exit 0.
   SIGUSR1 / SIGUSR2 (Unix): the health service turns NOT_SERVING / SERVING.
+  Metadata x-grow-mb: N on a call: the worker allocates N MiB more and keeps it (a worker
+          that leaks memory).
   --stall-index N: the worker whose PORTSHARE_WORKER_INDEX is N never listens
           (a worker that never becomes ready).
   --crash-index N: the worker whose PORTSHARE_WORKER_INDEX is N exits with code 3 at
@@ -122,6 +124,7 @@ class Call:
 class EchoWorker(services.EchoServicer):
     def __init__(self, name):
         self.name = name
+        self.ballast = []  # memory kept on purpose (x-grow-mb)
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
 
@@ -144,7 +147,15 @@ class EchoWorker(services.EchoServicer):
             out[key] = f"{out[key]},{value}" if key in out else value
         return out
 
+    def grow(self, context):
+        for key, value in context.invocation_metadata():
+            if key == "x-grow-mb":
+                # Written, not just reserved, so that it is resident.
+                self.ballast.append(b"x" * (int(value) * 1024 * 1024))
+                log(f"GREW {value} MiB")
+
     def Unary(self, request, context):
+        self.grow(context)
         call = Call(self, "Unary", context, headers_first=not request.trailers_only)
         call.maybe_fail(request)
         if not call.sleep(request):
@@ -218,15 +229,18 @@ def main():
                         help="never listen if this path exists at start")
     args = parser.parse_args()
 
-    stall = args.stall_index is not None and os.environ.get("PORTSHARE_WORKER_INDEX") == args.stall_index
+    index = os.environ.get("PORTSHARE_WORKER_INDEX")
+    stall = args.stall_index is not None and index == args.stall_index
     stall = stall or (args.stall_if_exists is not None and os.path.exists(args.stall_if_exists))
 
-    if args.crash_index is not None and os.environ.get("PORTSHARE_WORKER_INDEX") == args.crash_index:
+    if args.crash_index is not None and index == args.crash_index:
         print(f"worker {args.name}: crashing on purpose", file=sys.stderr, flush=True)
         return 3
 
     if stall:
-        print(f"worker {args.name}: stalling on purpose, never listening", file=sys.stderr, flush=True)
+        print(
+            f"worker {args.name}: stalling on purpose, never listening", file=sys.stderr, flush=True
+        )
         stalled = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stalled.set())

@@ -151,6 +151,17 @@ pub fn signal(pid: u32, name: &str) {
     );
 }
 
+/// Whether a process runs (a zombie counts as gone).
+#[cfg(target_os = "linux")]
+pub fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 /// A real Python grpcio worker (tests/python/worker.py) on a free port.
 pub struct Worker {
     child: Child,
