@@ -110,7 +110,7 @@ pub struct Opts {
     #[arg(long, global = true, value_name = "DURATION")]
     pub worker_max_lifetime: Option<String>,
     /// Recycle a worker whose process tree's resident memory stays above this (e.g.
-    /// 512MiB; measured on Linux) [default: off].
+    /// 512MiB) [default: off].
     #[arg(long, global = true, value_name = "SIZE")]
     pub worker_max_memory: Option<String>,
     /// The worker command and its arguments; `{port}` becomes the worker's port and

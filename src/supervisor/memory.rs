@@ -1,12 +1,13 @@
 //! The resident memory of a worker's process tree, for `[workers] max_memory` and
-//! `/backends`. A worker leads its own process group (see the platform modules), so what
-//! it starts is counted with it unless it moves itself out.
+//! `/backends`.
 //!
-//! Measured on Linux from /proc; elsewhere nothing is measured (the configuration says so
-//! at start) — macOS and Windows need their own APIs, not written yet.
+//! Linux: from /proc, every process in the worker's process group (a worker leads its own,
+//! see the platform modules, so what it starts is counted with it unless it moves itself
+//! out). macOS and Windows: through `sysinfo`, the worker and its descendants by parent
+//! pid. Other platforms measure nothing (the configuration says so at start).
 
 /// Whether resident memory can be measured on this platform.
-pub(super) const MEASURED: bool = cfg!(target_os = "linux");
+pub(super) const MEASURED: bool = cfg!(any(target_os = "linux", target_os = "macos", windows));
 
 /// The resident memory, in bytes, of every process in the process group led by `pid`;
 /// `None` when it cannot be measured (or the group is gone).
@@ -39,8 +40,40 @@ pub(super) fn tree_rss(pid: u32) -> Option<u64> {
     found.then_some(total)
 }
 
+/// macOS and Windows: the worker and every descendant, found by parent pid.
+#[cfg(any(target_os = "macos", windows))]
+pub(super) fn tree_rss(pid: u32) -> Option<u64> {
+    use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+    let mut system = System::new().ok()?;
+    system.refresh_processes_specifics(
+        ProcessesToUpdate::All,
+        true,
+        ProcessRefreshKind::nothing().with_memory(),
+    );
+    let root = Pid::from_u32(pid);
+    let processes = system.processes();
+    processes.get(&root)?;
+    let total = processes
+        .iter()
+        .filter(|(p, _)| {
+            // Up the parent chain, bounded (a pid cycle must not hang the supervisor).
+            let mut at = Some(**p);
+            for _ in 0..64 {
+                match at {
+                    Some(q) if q == root => return true,
+                    Some(q) => at = processes.get(&q).and_then(|proc_| proc_.parent()),
+                    None => return false,
+                }
+            }
+            false
+        })
+        .map(|(_, proc_)| proc_.memory())
+        .sum();
+    Some(total)
+}
+
 /// Elsewhere: not measured.
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
 pub(super) fn tree_rss(_pid: u32) -> Option<u64> {
     None
 }
