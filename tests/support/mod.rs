@@ -391,15 +391,19 @@ impl Proxy {
     }
 
     /// The value of one sample in `/metrics`, e.g.
-    /// `portshare_backend_connections_total{backend="127.0.0.1:5"}`; 0 when absent.
+    /// `portshare_backend_connections_total{backend="127.0.0.1:5"}`. Panics when the
+    /// sample is absent, so an assertion on a renamed or never-registered metric fails
+    /// instead of reading 0.
     pub fn metric(&self, sample: &str) -> f64 {
         let (_, body) = self.admin_get("/metrics");
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        sample_in(&body, sample)
+            .unwrap_or_else(|| panic!("no sample {sample} in /metrics:\n{body}"))
+    }
+
+    /// Like [`Proxy::metric`], but `None` while the sample is absent: for polling a counter
+    /// that appears with its first event.
+    pub fn try_metric(&self, sample: &str) -> Option<f64> {
+        sample_in(&self.admin_get("/metrics").1, sample)
     }
 
     /// `/backends`, parsed.
@@ -469,6 +473,15 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The value of `sample` (a metric name with its labels, exactly) in Prometheus text.
+fn sample_in(body: &str, sample: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        let rest = l.strip_prefix(sample)?;
+        // The whole name: `..._total` must not match `..._total_more`.
+        rest.starts_with(' ').then(|| rest.trim().parse().ok())?
+    })
 }
 
 /// A minimal HTTP/1.1 GET, enough for the admin endpoints.
