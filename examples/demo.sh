@@ -39,7 +39,9 @@ fi
 py="$venv/bin/python"
 
 echo "== portshare on 127.0.0.1:$port starts $workers workers (admin on 127.0.0.1:$admin)"
-target/release/portshare --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" \
+# The workers use the checkout's portshare helper (python/portshare; `pip install portshare`
+# brings the same package along with the binary).
+PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" target/release/portshare --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" \
     --workers "$workers" -- "$py" examples/python/server.py --port '{port}' &
 portshare_pid=$!
 

@@ -37,7 +37,8 @@ def main():
         with grpc.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
             try:
                 reply = services.GreeterStub(channel).SayHello(
-                    protos.HelloRequest(name=f"call {i}"), timeout=args.timeout)
+                    protos.HelloRequest(name=f"call {i}"), timeout=args.timeout
+                )
             except grpc.RpcError as err:
                 failures += 1
                 print(f"{i:4d}: FAILED {err.code().name}: {err.details()}")

@@ -136,7 +136,8 @@ def cmd_unary(args, stub):
 
 
 def cmd_server_stream(args, stub):
-    call = stub.ServerStream(protos.EchoRequest(payload=b"s", count=args.count), timeout=args.timeout)
+    request = protos.EchoRequest(payload=b"s", count=args.count)
+    call = stub.ServerStream(request, timeout=args.timeout)
     replies = []
     try:
         for reply in call:
