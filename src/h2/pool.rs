@@ -123,7 +123,9 @@ impl Pool {
         if let Some(c) = slot.ready() {
             return Ok((c, false));
         }
-        let fresh = self.connect(backend).await?;
+        // Boxed: a connect's state (TCP connect, HTTP/2 handshake) would otherwise size
+        // every call's future, which is moved into its stream task on every call.
+        let fresh = Box::pin(self.connect(backend)).await?;
         slot.set(Some(fresh.clone()));
         Ok((fresh, true))
     }
