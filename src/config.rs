@@ -948,11 +948,12 @@ fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-/// A percentage such as `10%` (the `%` may be left out), as a fraction; 10% when unset.
+/// A percentage such as `10%` (the `%` may be left out), as written (10.0 for `10%`; kept
+/// as a percentage so that `check` renders exactly what it read); 10% when unset.
 fn percent(key: &str, value: Option<&str>) -> Result<f64, ConfigError> {
     let text = value.unwrap_or("10%").trim();
     match text.strip_suffix('%').unwrap_or(text).trim().parse::<f64>() {
-        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p / 100.0),
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
         _ => Err(err(
             key,
             format!("{text:?} is not a percentage from 0% to 100%"),
@@ -1063,9 +1064,9 @@ impl Config {
                 ready_timeout: Some(human(w.ready_timeout)),
                 hang_timeout: Some(w.hang_timeout.map_or_else(|| "0s".to_owned(), human)),
                 max_calls: Some(w.max_calls.unwrap_or(0)),
-                max_calls_jitter: Some(format!("{}%", w.max_calls_jitter * 100.0)),
+                max_calls_jitter: Some(format!("{}%", w.max_calls_jitter)),
                 max_lifetime: Some(w.max_lifetime.map_or_else(|| "0s".to_owned(), human)),
-                max_lifetime_jitter: Some(format!("{}%", w.max_lifetime_jitter * 100.0)),
+                max_lifetime_jitter: Some(format!("{}%", w.max_lifetime_jitter)),
                 max_memory: Some(format!("{}B", w.max_memory.unwrap_or(0))),
             }),
         };
@@ -1458,9 +1459,10 @@ mod tests {
         let e = bytes("workers.max_memory", "lots").expect_err("not a size");
         assert_eq!(e.key, "workers.max_memory");
         assert!(bytes("k", "-1MiB").is_err());
-        assert_eq!(percent("k", Some("25%")), Ok(0.25));
+        assert_eq!(percent("k", Some("25%")), Ok(25.0));
+        assert_eq!(percent("k", Some("12.3%")), Ok(12.3));
         assert_eq!(percent("k", Some("0")), Ok(0.0));
-        assert_eq!(percent("k", None), Ok(0.1));
+        assert_eq!(percent("k", None), Ok(10.0));
         assert_eq!(
             percent("workers.max_calls_jitter", Some("150%")).map_err(|e| e.key),
             Err("workers.max_calls_jitter".to_owned())
@@ -1495,6 +1497,17 @@ mod tests {
         assert_eq!(w.hang_timeout, None);
         assert_eq!(w.max_calls, Some(1000));
         assert_eq!(w.max_memory, Some(1 << 30));
+        // `check` renders what it read, so the rendering reads back the same.
+        let c = load(
+            &o,
+            &env(&[("PORTSHARE_WORKERS__MAX_CALLS_JITTER", "12.3%")]),
+        );
+        let Ok(c) = c else {
+            panic!("a configuration");
+        };
+        let text = c.to_toml();
+        assert!(text.contains("max_calls_jitter = \"12.3%\""), "{text}");
+        assert!(text.contains("max_memory = \"1073741824B\""), "{text}");
         o.workers = Some("auto".into());
         let count = load(&o, &env(&[]))
             .ok()

@@ -71,12 +71,12 @@ pub struct WorkersConfig {
     pub hang_timeout: Option<Duration>,
     /// Calls (h2) or client connections (l4) after which a worker is recycled. `None`: never.
     pub max_calls: Option<u64>,
-    /// Up to this fraction more on `max_calls`, drawn per process, so that workers started
-    /// together do not all recycle together.
+    /// Up to this many percent more on `max_calls`, drawn per process, so that workers
+    /// started together do not all recycle together.
     pub max_calls_jitter: f64,
     /// Age after which a worker is recycled. `None`: never.
     pub max_lifetime: Option<Duration>,
-    /// Up to this fraction more on `max_lifetime`, drawn per process.
+    /// Up to this many percent more on `max_lifetime`, drawn per process.
     pub max_lifetime_jitter: f64,
     /// Resident memory of a worker's process tree above which (two samples in a row) it is
     /// recycled. `None`: never.

@@ -341,12 +341,12 @@ impl Watcher {
         let c = &self.config;
         Limits {
             calls: c.max_calls.map(|n| {
-                let extra = (n as f64 * c.max_calls_jitter * fastrand::f64()) as u64;
+                let extra = (n as f64 * c.max_calls_jitter / 100.0 * fastrand::f64()) as u64;
                 n.saturating_add(extra)
             }),
             until: c
                 .max_lifetime
-                .map(|d| now + d + d.mul_f64(c.max_lifetime_jitter * fastrand::f64())),
+                .map(|d| now + d + d.mul_f64(c.max_lifetime_jitter / 100.0 * fastrand::f64())),
         }
     }
 
