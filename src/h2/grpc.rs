@@ -2,7 +2,6 @@
 //! calls it cannot place, the `grpc-timeout` header, and which gRPC status an HTTP/2 failure
 //! of the backend amounts to.
 
-use std::error::Error as _;
 use std::time::Duration;
 
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
@@ -107,42 +106,25 @@ pub fn status(headers: &HeaderMap) -> Option<u32> {
     headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
-/// The HTTP/2 reset reason behind a hyper error, if the backend reset the stream.
-pub fn reset_reason(e: &hyper::Error) -> Option<h2::Reason> {
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason();
-        }
-        source = s.source();
-    }
-    None
-}
-
 /// Whether a failed call certainly never reached the backend's application: the stream was
 /// refused (REFUSED_STREAM) or lay beyond the last stream a GOAWAY let through.
-pub fn never_processed(e: &hyper::Error) -> bool {
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.is_remote());
-        }
-        source = s.source();
-    }
-    false
+pub fn never_processed(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
 }
 
 /// The gRPC status a backend failure amounts to, as gRPC clients map HTTP/2 resets:
 /// REFUSED_STREAM means the backend never processed the call (UNAVAILABLE, safe to retry),
-/// CANCEL means CANCELLED; a lost connection is UNAVAILABLE; anything else INTERNAL.
-pub fn code_for(e: &hyper::Error) -> Code {
-    match reset_reason(e) {
+/// CANCEL means CANCELLED; a lost or closing connection is UNAVAILABLE; any other reset
+/// INTERNAL.
+pub fn code_for(e: &h2::Error) -> Code {
+    if e.is_io() || e.is_go_away() {
+        return Code::Unavailable;
+    }
+    match e.reason() {
         Some(h2::Reason::REFUSED_STREAM) => Code::Unavailable,
         Some(h2::Reason::CANCEL) => Code::Cancelled,
         Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
         Some(_) => Code::Internal,
-        None if e.is_closed() || e.is_canceled() || e.is_incomplete_message() => Code::Unavailable,
         None => Code::Unavailable,
     }
 }

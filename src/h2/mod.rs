@@ -6,36 +6,29 @@
 //! when the first certainly never saw it (connect failed, or its connection refused the
 //! stream before sending anything).
 
+mod call;
 pub mod grpc;
 pub mod pool;
-pub mod replay;
+mod upload;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use metrics::{counter, gauge, histogram};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{ActiveGuard, Backend, BackendSet, ConnectFailure, Tried};
+use crate::backend::BackendSet;
 use crate::balance::Balancer;
 use crate::metrics as m;
 use crate::tls::Tls;
-use grpc::Code;
-use pool::{Pool, PoolConfig, PoolError};
-use replay::Replay;
+use call::InFlight;
+use pool::{Pool, PoolConfig};
 
 /// The HTTP/2 connection preface every h2 client sends first.
 pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -77,8 +70,8 @@ pub struct H2Proxy {
     backends: Arc<BackendSet>,
     balancer: Balancer,
     pool: Pool,
-    /// Permits for calls in flight.
-    calls: Arc<Semaphore>,
+    /// Calls in flight, against `max_calls`.
+    in_flight: InFlight,
     /// Per-call metric handles.
     metrics: CallMetrics,
 }
@@ -159,7 +152,7 @@ impl H2Proxy {
                 in_flight: gauge!(m::CALLS_IN_FLIGHT),
                 duration: histogram!(m::CALL_DURATION_SECONDS),
             },
-            calls: Arc::new(Semaphore::new(config.max_calls)),
+            in_flight: InFlight::new(config.max_calls),
             config,
             backends,
             balancer,
@@ -210,7 +203,8 @@ impl H2Proxy {
         self.serve_http2(stream, peer, stop, abort).await;
     }
 
-    /// Serves HTTP/2 on an established connection (plain or TLS).
+    /// Serves HTTP/2 on an established connection (plain or TLS): one task per client
+    /// connection drives it and polls every call on it.
     async fn serve_http2<S>(
         self: Arc<Self>,
         stream: S,
@@ -220,279 +214,66 @@ impl H2Proxy {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let proxy = Arc::clone(&self);
-        let service = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.call(req).await) }
-        });
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let mut builder = h2::server::Builder::new();
+        builder
             .max_concurrent_streams(self.config.max_concurrent_streams)
             .max_header_list_size(self.config.max_header_list_size)
-            .initial_stream_window_size(self.config.stream_window)
-            .initial_connection_window_size(self.config.connection_window)
-            .adaptive_window(false)
-            // Headers pass through unchanged: no `date` added to the backend's response.
-            .auto_date_header(false)
-            .serve_connection(TokioIo::new(stream), service);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            () = stop.cancelled() => {
-                // GOAWAY the two-step way (hyper/h2: first the maximum stream id, then the
-                // real last one), then let the calls in flight finish.
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = abort.cancelled() => Ok(()),
+            .initial_window_size(self.config.stream_window)
+            .initial_connection_window_size(self.config.connection_window);
+        // Boxed: the handshake's state would otherwise widen every connection's task for
+        // its whole life, although it is done with after the first round trip.
+        let handshake = tokio::time::timeout(
+            PREFACE_TIMEOUT,
+            Box::pin(builder.handshake::<_, Bytes>(stream)),
+        );
+        let mut conn = tokio::select! {
+            r = handshake => match r {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "HTTP/2 handshake failed");
+                    return;
                 }
-            }
+                Err(_) => {
+                    tracing::debug!(%peer, "no HTTP/2 handshake within {PREFACE_TIMEOUT:?}");
+                    return;
+                }
+            },
+            () = abort.cancelled() => return,
         };
-        if let Err(e) = result {
-            tracing::debug!(%peer, error = %e, "client connection ended with an error");
-        }
-    }
-
-    /// Places one call.
-    async fn call(self: Arc<Self>, req: Request<Incoming>) -> Response<CallBody> {
-        let started = Instant::now();
-        let Ok(permit) = Arc::clone(&self.calls).try_acquire_owned() else {
-            counter!(m::CALLS_SHED).increment(1);
-            return self.finish_early(
-                None,
-                started,
-                Code::ResourceExhausted,
-                "portshare: too many calls in flight",
-            );
-        };
-        let deadline = grpc::timeout(req.headers()).map(|t| started + t);
-        let (parts, body) = req.into_parts();
-        let replay = Replay::new(body);
-        // The request as first sent, or as handed back unsent by a connection.
-        let mut unsent = None;
-        // A refused call is sent again at most once.
-        let mut replayed = false;
-        let mut tried = Tried::new();
-        let mut last = String::from("no backend is ready");
-        let queue_until = started + self.config.queue_timeout;
-        let wait_until = deadline.map_or(queue_until, |d| d.min(queue_until));
-        let cap = self.config.max_calls_per_backend;
-        for attempt in 0..self.config.attempts {
-            let guard = match self
-                .backends
-                .pick_or_wait(&self.balancer, &tried, cap, wait_until)
-                .await
-            {
-                Ok(guard) => guard,
-                Err(unplaced) => {
-                    let waited = format!("{:.1?}", unplaced.waited);
-                    let (code, why) = if deadline.is_some_and(|d| d <= queue_until) {
-                        (Code::DeadlineExceeded, "deadline exceeded")
-                    } else {
-                        (Code::Unavailable, "no backend could take the call")
-                    };
-                    let detail = if tried.is_empty() {
-                        unplaced.why
-                    } else {
-                        format!("{}; last: {last}", unplaced.why)
-                    };
-                    return self.finish_early(
-                        None,
-                        started,
-                        code,
-                        &format!("portshare: {why} after waiting {waited} ({detail})"),
-                    );
+        let proxy: &H2Proxy = &self;
+        let mut calls = FuturesUnordered::new();
+        let stopped = stop.cancelled();
+        let aborted = abort.cancelled();
+        tokio::pin!(stopped, aborted);
+        let mut stopping = false;
+        loop {
+            // Calls first: what they wrote is then flushed by the connection's poll below,
+            // in the same turn.
+            tokio::select! {
+                biased;
+                () = &mut aborted => return,
+                () = &mut stopped, if !stopping => {
+                    // GOAWAY the two-step way (first the maximum stream id, then the real
+                    // last one), then the calls in flight finish.
+                    stopping = true;
+                    conn.graceful_shutdown();
                 }
-            };
-            let backend = Arc::clone(guard.backend());
-            if attempt > 0 {
-                counter!(m::CALL_RETRIES).increment(1);
-            }
-            tried.add(&backend);
-            let Some(got) = by_deadline(deadline, self.pool.get(&backend)).await else {
-                return self.finish_early(
-                    Some(&backend),
-                    started,
-                    Code::DeadlineExceeded,
-                    "portshare: deadline exceeded while connecting to a backend",
-                );
-            };
-            let mut send = match got {
-                Ok((send, fresh)) => {
-                    if fresh {
-                        self.backends.connect_succeeded(&backend);
+                Some(()) = calls.next(), if !calls.is_empty() => {}
+                accepted = conn.accept() => match accepted {
+                    Some(Ok((req, respond))) => calls.push(proxy.call(req, respond)),
+                    Some(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                        break;
                     }
-                    send
-                }
-                Err(e) => {
-                    let failure = match &e {
-                        PoolError::Connect(io)
-                            if io.kind() == std::io::ErrorKind::ConnectionRefused =>
-                        {
-                            ConnectFailure::Refused
-                        }
-                        PoolError::Timeout(_) => ConnectFailure::Timeout,
-                        _ => ConnectFailure::Other,
-                    };
-                    let text = e.to_string();
-                    let ejected =
-                        self.backends
-                            .connect_failed(&backend, failure, &text, Instant::now());
-                    tracing::warn!(backend = backend.name(), error = %text, ejected_for = ?ejected, "connect to backend failed");
-                    last = format!("{}: {text}", backend.name());
-                    continue;
-                }
-            };
-            let req = unsent.take().unwrap_or_else(|| {
-                let mut r = Request::new(replay.body());
-                *r.method_mut() = parts.method.clone();
-                *r.uri_mut() = parts.uri.clone();
-                *r.version_mut() = parts.version;
-                *r.headers_mut() = parts.headers.clone();
-                r
-            });
-            // Dropping the request on the deadline resets the backend's stream.
-            let Some(result) = by_deadline(deadline, send.try_send_request(req)).await else {
-                return self.finish_early(
-                    Some(&backend),
-                    started,
-                    Code::DeadlineExceeded,
-                    "portshare: deadline exceeded waiting for the backend",
-                );
-            };
-            match result {
-                Ok(resp) => return self.respond(resp, guard, permit, started),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => {
-                        // The connection would not take the stream (e.g. after a GOAWAY): the
-                        // backend never saw the call, which is still whole.
-                        self.pool.invalidate(&backend).await;
-                        last = format!("{}: {}", backend.name(), e.error());
-                        unsent = Some(back);
-                        continue;
-                    }
-                    None if !replayed
-                        && grpc::never_processed(e.error())
-                        && replay.can_replay() =>
-                    {
-                        // Refused unprocessed (REFUSED_STREAM, or beyond a GOAWAY's last
-                        // stream), and all it was sent is recorded: once more, elsewhere.
-                        replayed = true;
-                        // REFUSED_STREAM concerns one stream; only a GOAWAY retires the
-                        // connection (which hyper then no longer offers as ready).
-                        tracing::debug!(backend = backend.name(), error = %e.error(), "backend refused the call unprocessed; sending it elsewhere");
-                        last = format!("{}: {}", backend.name(), e.error());
-                        continue;
-                    }
-                    None => {
-                        let err = e.into_error();
-                        let code = grpc::code_for(&err);
-                        tracing::debug!(backend = backend.name(), error = %err, detail = ?err, "backend failed the call");
-                        return self.finish_early(
-                            Some(&backend),
-                            started,
-                            code,
-                            &format!(
-                                "portshare: backend {} failed the call: {err}",
-                                backend.name()
-                            ),
-                        );
-                    }
+                    None => break,
                 },
             }
         }
-        self.finish_early(
-            None,
-            started,
-            Code::Unavailable,
-            &format!("portshare: no backend could take the call ({last})"),
-        )
-    }
-
-    /// Ends a call with a Trailers-Only status of the proxy's own, counting it against
-    /// `backend` when one was involved.
-    fn finish_early(
-        &self,
-        backend: Option<&Backend>,
-        started: Instant,
-        code: Code,
-        message: &str,
-    ) -> Response<CallBody> {
-        match backend {
-            Some(b) => {
-                b.count_call(code.as_u32());
-                self.metrics
-                    .duration
-                    .record(started.elapsed().as_secs_f64());
-            }
-            None => record_unplaced(code.as_u32(), started),
+        // The connection is gone: what is left of its calls ends at once.
+        tokio::select! {
+            () = async { while calls.next().await.is_some() {} } => {}
+            () = &mut aborted => {}
         }
-        grpc::trailers_only(code, message)
-    }
-
-    /// Streams the backend's response back, keeping the call counted until it ends.
-    fn respond(
-        &self,
-        resp: Response<Incoming>,
-        guard: ActiveGuard,
-        permit: OwnedSemaphorePermit,
-        started: Instant,
-    ) -> Response<CallBody> {
-        // A Trailers-Only answer has its status in the headers.
-        let status = grpc::status(resp.headers());
-        let (parts, body) = resp.into_parts();
-        self.metrics.in_flight.increment(1.0);
-        let body = CallBody {
-            inner: Some(body),
-            call: Some(Call {
-                metrics: self.metrics.clone(),
-                guard,
-                _permit: permit,
-                started,
-                status,
-            }),
-        };
-        Response::from_parts(parts, body)
-    }
-}
-
-/// Runs `f`, bounded by the call's deadline when it has one; `None` once the deadline passed.
-async fn by_deadline<F: std::future::Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
-    match deadline {
-        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
-        None => Some(f.await),
-    }
-}
-
-/// Counts a call that was answered without a backend.
-fn record_unplaced(status: u32, started: Instant) {
-    counter!(m::CALLS, "backend" => "none", "grpc_status" => status.to_string()).increment(1);
-    histogram!(m::CALL_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
-}
-
-/// A call in flight: released (and counted) when its response body ends or is dropped.
-#[derive(Debug)]
-struct Call {
-    /// Counts the call against its backend (p2c reads that).
-    guard: ActiveGuard,
-    /// Where the call is counted when it ends.
-    metrics: CallMetrics,
-    /// Counts it against the proxy-wide limit.
-    _permit: OwnedSemaphorePermit,
-    started: Instant,
-    /// The gRPC status, once seen.
-    status: Option<u32>,
-}
-
-impl Drop for Call {
-    fn drop(&mut self) {
-        self.metrics.in_flight.decrement(1.0);
-        // No status seen: the client went away (or the backend vanished) mid-call.
-        let status = self.status.unwrap_or(Code::Cancelled.as_u32());
-        self.guard.backend().count_call(status);
-        self.metrics
-            .duration
-            .record(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -501,70 +282,6 @@ impl Drop for Call {
 struct CallMetrics {
     in_flight: metrics::Gauge,
     duration: metrics::Histogram,
-}
-
-/// A response body: the backend's, passed through frame by frame, or nothing (Trailers-Only).
-#[derive(Debug, Default)]
-pub struct CallBody {
-    inner: Option<Incoming>,
-    call: Option<Call>,
-}
-
-impl Body for CallBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let (Some(t), Some(call)) = (frame.trailers_ref(), this.call.as_mut()) {
-                    call.status = grpc::status(t);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(e)) => {
-                // The backend failed mid-call (reset, or its connection died): end the call
-                // with the matching gRPC status rather than a bare reset.
-                this.inner = None;
-                let code = grpc::code_for(&e);
-                let backend = this
-                    .call
-                    .as_ref()
-                    .map(|c| c.guard.backend().name().to_owned())
-                    .unwrap_or_default();
-                if let Some(call) = this.call.as_mut() {
-                    call.status = Some(code.as_u32());
-                }
-                this.call = None;
-                let message = format!("portshare: backend {backend} failed mid-call: {e}");
-                Poll::Ready(Some(Ok(Frame::trailers(grpc::status_trailers(
-                    code, &message,
-                )))))
-            }
-            None => {
-                this.inner = None;
-                this.call = None;
-                Poll::Ready(None)
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
-    }
 }
 
 #[cfg(test)]

@@ -6,15 +6,15 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
-use hyper::client::conn::http2::{Builder, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::{Builder, SendRequest};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use super::replay::ReplayBody;
 use crate::backend::Backend;
 
 /// HTTP/2 settings of the backend connections.
@@ -42,30 +42,38 @@ pub enum PoolError {
     Timeout(Duration),
     /// The HTTP/2 handshake failed.
     #[error("HTTP/2 handshake: {0}")]
-    Handshake(#[source] hyper::Error),
+    Handshake(#[source] h2::Error),
+}
+
+/// One open connection: the handle calls open streams with, and whether its driver task
+/// has ended (the connection is gone; the handle would only answer with errors).
+#[derive(Debug, Clone)]
+struct Conn {
+    send: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 /// One backend's connection slot.
 #[derive(Debug, Default)]
 struct Slot {
     /// The current connection, if any: read on every call, so a plain read lock.
-    current: std::sync::RwLock<Option<SendRequest<ReplayBody>>>,
+    current: std::sync::RwLock<Option<Conn>>,
     /// Held across a connect, so callers that arrive meanwhile wait for that one connection
     /// instead of opening their own.
     connecting: Mutex<()>,
 }
 
 impl Slot {
-    /// The current connection when it can take a stream now.
-    fn ready(&self) -> Option<SendRequest<ReplayBody>> {
+    /// The current connection while it is open.
+    fn ready(&self) -> Option<SendRequest<Bytes>> {
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
         current
             .as_ref()
-            .filter(|c| c.is_ready() && !c.is_closed())
-            .cloned()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+            .map(|c| c.send.clone())
     }
 
-    fn set(&self, conn: Option<SendRequest<ReplayBody>>) {
+    fn set(&self, conn: Option<Conn>) {
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = conn;
     }
 }
@@ -108,12 +116,13 @@ impl Pool {
         Arc::clone(slot)
     }
 
-    /// A connection to `backend` that can take a stream now; `true` with it when it was
-    /// opened just now.
+    /// An open connection to `backend`; `true` with it when it was opened just now. The
+    /// handle may still find the connection gone (or going away) when a stream is opened:
+    /// then [`Pool::invalidate`] and ask again.
     pub async fn get(
         &self,
         backend: &Arc<Backend>,
-    ) -> Result<(SendRequest<ReplayBody>, bool), PoolError> {
+    ) -> Result<(SendRequest<Bytes>, bool), PoolError> {
         let slot = self.slot(backend);
         if let Some(c) = slot.ready() {
             return Ok((c, false));
@@ -126,37 +135,46 @@ impl Pool {
         // Boxed: a connect's state (TCP connect, HTTP/2 handshake) would otherwise size
         // every call's future, which is moved into its stream task on every call.
         let fresh = Box::pin(self.connect(backend)).await?;
-        slot.set(Some(fresh.clone()));
-        Ok((fresh, true))
+        let send = fresh.send.clone();
+        slot.set(Some(fresh));
+        Ok((send, true))
     }
 
     /// Forgets `backend`'s connection (it refused a stream), so the next call opens a new one.
-    pub async fn invalidate(&self, backend: &Backend) {
+    pub fn invalidate(&self, backend: &Backend) {
         let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, slot)) = slots.get(&backend.id()) {
             slot.set(None);
         }
     }
 
-    async fn connect(&self, backend: &Backend) -> Result<SendRequest<ReplayBody>, PoolError> {
+    async fn connect(&self, backend: &Backend) -> Result<Conn, PoolError> {
         let addr = backend.addr();
         let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| PoolError::Timeout(self.config.connect_timeout))?
             .map_err(PoolError::Connect)?;
         stream.set_nodelay(true).map_err(PoolError::Connect)?;
-        let (send, conn) = Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(self.config.stream_window)
+        let (send, conn) = Builder::new()
+            .initial_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
             .max_header_list_size(self.config.max_header_list_size)
-            .adaptive_window(false)
-            .handshake(TokioIo::new(stream))
+            // Streams beyond the backend's limit wait in h2's queue for a free one.
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(PoolError::Handshake)?;
+        let closed = Arc::new(AtomicBool::new(false));
         let name = backend.name().to_owned();
+        let ended = Arc::clone(&closed);
+        // The driver: reads and writes the connection for every stream on it; ends when the
+        // connection closes, or once no handle and no stream is left.
         tokio::spawn(async move {
-            match conn.await {
+            let result = conn.await;
+            ended.store(true, Ordering::Release);
+            match result {
                 Ok(()) => tracing::debug!(backend = name, "backend connection closed"),
                 Err(e) => tracing::debug!(backend = name, error = %e, "backend connection failed"),
             }
@@ -165,6 +183,13 @@ impl Pool {
             backend = backend.name(),
             "opened an HTTP/2 connection to the backend"
         );
-        Ok(send)
+        Ok(Conn { send, closed })
     }
 }
+
+/// Streams opened before the backend's SETTINGS say how many it takes (h2's default too).
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+
+/// Data a connection buffers per stream beyond what flow control lets out: a message in
+/// flight, not a queue.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
