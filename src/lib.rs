@@ -8,6 +8,7 @@
 //! - [`control`]: requests from outside (SIGHUP, `POST /workers/restart`, forwarded signals).
 //! - [`shutdown`]: signals, the stop token and task tracker, the bounded drain.
 //! - [`listener`]: bind, permit before accept, accept backoff, one task per connection.
+//! - [`threads`]: h2 mode's data-path threads, one runtime each, connections in turn.
 //! - [`tls`]: rustls termination (ALPN h2, client certificates), reload on SIGHUP and file change.
 //! - [`balance`]: round-robin, least-conn and p2c over a list of candidates.
 //! - [`backend`]: the shared backend set: addresses, load, passive ejection, each backend's
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod shutdown;
 pub mod status;
 pub mod supervisor;
+pub mod threads;
 pub mod tls;
 
 use std::future::Future;
@@ -63,6 +65,7 @@ use crate::control::{Control, Controls};
 use crate::h2::H2Proxy;
 use crate::l4::{L4Proxy, TcpConnect};
 use crate::shutdown::{Drained, Shutdown};
+use crate::threads::DataThreads;
 
 /// A run-time failure (configuration errors are [`config::ConfigError`]).
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,15 @@ pub enum Error {
     /// The metrics recorder could not be installed.
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    /// The data-path threads could not be started.
+    #[error("cannot start the data-path threads: {0}")]
+    Runtime(#[source] io::Error),
+}
+
+/// Data-path threads for h2 mode: one per core this process may use (a container's CPU
+/// limit included, as the standard library reads it).
+fn data_thread_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 /// The bound sockets `run` serves: the binary binds the configured addresses, tests bind
@@ -226,6 +238,12 @@ pub async fn run(
     );
     let mut crash = None;
     let balancer = Balancer::new(config.balance);
+    // h2 mode's calls run on threads of their own (see `threads`); l4's copies stay on the
+    // main runtime, whose work is mostly the kernel's.
+    let data_threads = match config.mode {
+        Mode::H2 => Some(DataThreads::start(data_thread_count()).map_err(Error::Runtime)?),
+        Mode::L4 => None,
+    };
     let abort = shutdown.abort_token().clone();
     let conn_tls = tls.clone();
     let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match config.mode {
@@ -240,6 +258,7 @@ pub async fn run(
                 listeners.proxy,
                 &config.listener,
                 &shutdown,
+                None,
                 move |stream, _peer| {
                     l4_connection(Arc::clone(&proxy), stream, abort.clone(), conn_tls.clone())
                 },
@@ -250,12 +269,14 @@ pub async fn run(
                 config.h2.clone(),
                 Arc::clone(&backends),
                 balancer,
+                data_threads.as_ref().map_or(1, DataThreads::len),
             ));
             let stop = shutdown.stop_token().clone();
             Box::pin(listener::serve(
                 listeners.proxy,
                 &config.listener,
                 &shutdown,
+                data_threads.as_ref(),
                 move |stream, peer| {
                     Arc::clone(&proxy).serve_connection(
                         stream,

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::metrics as m;
 use crate::shutdown::Shutdown;
+use crate::threads::DataThreads;
 
 /// The kernel queue of connections not yet accepted; where a flood waits while every
 /// permit is taken. Linux caps it at `net.core.somaxconn` anyway.
@@ -108,11 +109,13 @@ impl<F: Future<Output = ()>> Future for Held<F> {
 }
 
 /// Accepts connections until shutdown begins, running `handle` for each one on a tracked
-/// task. Returns once the listener has stopped accepting; the tasks go on.
+/// task: on the current runtime, or, given data-path `threads`, on each of theirs in turn.
+/// Returns once the listener has stopped accepting; the tasks go on.
 pub async fn serve<H, F>(
     listener: TcpListener,
     config: &ListenerConfig,
     shutdown: &Shutdown,
+    threads: Option<&DataThreads>,
     handle: H,
 ) where
     H: Fn(TcpStream, SocketAddr) -> F,
@@ -161,12 +164,34 @@ pub async fn serve<H, F>(
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY on a client connection");
         }
         let span = tracing::debug_span!("conn", %peer);
+        let Some(threads) = threads else {
+            let task = Held {
+                task: handle(stream, peer),
+                _permit: permit,
+                _counted: ActiveConnection::new(&active),
+            };
+            shutdown.tracker().spawn(task.instrument(span));
+            continue;
+        };
+        // The connection moves to the thread's own I/O driver.
+        let runtime = threads.next();
+        let moved = stream.into_std().and_then(|std| {
+            let _on = runtime.enter();
+            TcpStream::from_std(std)
+        });
+        let stream = match moved {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot hand a connection to a data-path thread");
+                continue;
+            }
+        };
         let task = Held {
             task: handle(stream, peer),
             _permit: permit,
             _counted: ActiveConnection::new(&active),
         };
-        shutdown.tracker().spawn(task.instrument(span));
+        shutdown.tracker().spawn_on(task.instrument(span), runtime);
     }
 }
 
@@ -189,7 +214,7 @@ mod tests {
             let shutdown = shutdown.clone();
             let release = release.clone();
             tokio::spawn(async move {
-                serve(listener, &config, &shutdown, move |mut s, _| {
+                serve(listener, &config, &shutdown, None, move |mut s, _| {
                     let release = release.clone();
                     async move {
                         let _ = s.write_all(b"hi").await;

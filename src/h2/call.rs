@@ -170,7 +170,7 @@ impl H2Proxy {
                 code: Code::DeadlineExceeded,
                 message: format!("portshare: deadline exceeded {what}"),
             };
-            let Some(got) = by_deadline(deadline, self.pool.get(&backend)).await else {
+            let Some(got) = by_deadline(deadline, self.pool().get(&backend)).await else {
                 return deadline_passed("while connecting to a backend");
             };
             let mut send = match got {
@@ -211,7 +211,7 @@ impl H2Proxy {
                 Err(e) => {
                     // The connection takes no new stream (it failed, or the backend sent
                     // GOAWAY): the call never left, and the next one gets a fresh connection.
-                    self.pool.invalidate(&backend);
+                    self.pool().invalidate(&backend);
                     last = format!("{}: {e}", backend.name());
                     continue;
                 }
@@ -234,7 +234,7 @@ impl H2Proxy {
                     // GOAWAY retires the connection; REFUSED_STREAM concerns one stream.
                     replayed = true;
                     if e.is_go_away() {
-                        self.pool.invalidate(&backend);
+                        self.pool().invalidate(&backend);
                     }
                     tracing::debug!(backend = backend.name(), error = %e, "backend refused the call unprocessed; sending it elsewhere");
                     last = format!("{}: {e}", backend.name());

@@ -69,7 +69,8 @@ pub struct H2Proxy {
     config: H2Config,
     backends: Arc<BackendSet>,
     balancer: Balancer,
-    pool: Pool,
+    /// Backend connections, one pool per data-path thread: a call uses its own thread's.
+    pools: Box<[Pool]>,
     /// Calls in flight, against `max_calls`.
     in_flight: InFlight,
     /// Per-call metric handles.
@@ -139,14 +140,20 @@ content-type: text/plain; charset=utf-8\r\nconnection: close\r\ncontent-length: 
 portshare (h2 mode) speaks HTTP/2 only: use a gRPC client or HTTP/2 prior knowledge.\r\n";
 
 impl H2Proxy {
-    /// A proxy over `backends`.
-    pub fn new(config: H2Config, backends: Arc<BackendSet>, balancer: Balancer) -> Self {
-        let pool = Pool::new(PoolConfig {
+    /// A proxy over `backends`, serving connections on `threads` data-path threads.
+    pub fn new(
+        config: H2Config,
+        backends: Arc<BackendSet>,
+        balancer: Balancer,
+        threads: usize,
+    ) -> Self {
+        let pool = PoolConfig {
             connect_timeout: config.connect_timeout,
             stream_window: config.stream_window,
             connection_window: config.connection_window,
             max_header_list_size: config.max_header_list_size,
-        });
+        };
+        let pools = (0..threads.max(1)).map(|_| Pool::new(pool)).collect();
         Self {
             metrics: CallMetrics {
                 in_flight: gauge!(m::CALLS_IN_FLIGHT),
@@ -156,8 +163,13 @@ impl H2Proxy {
             config,
             backends,
             balancer,
-            pool,
+            pools,
         }
+    }
+
+    /// The backend connections of the data-path thread this runs on.
+    fn pool(&self) -> &Pool {
+        &self.pools[crate::threads::current() % self.pools.len()]
     }
 
     /// Serves one client connection until it closes; on `stop`, sends GOAWAY and lets the
@@ -312,6 +324,7 @@ mod tests {
             },
             BackendSet::empty(),
             Balancer::new(Balance::P2c),
+            1,
         ));
         let token = CancellationToken::new();
         let task = proxy.serve_connection(client, addr, None, token.clone(), token);
