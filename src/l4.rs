@@ -2,10 +2,8 @@
 //! connect fails so the client never notices), then copy bytes both ways, passing each
 //! half-close on, until both sides are done, the connection goes idle, or the drain ends.
 
-use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,12 +12,13 @@ use std::time::Duration;
 
 use metrics::counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{ActiveGuard, Backend, BackendSet, ConnectFailure, Tried};
+use crate::backend::{ActiveGuard, Backend, BackendSet, Tried};
 use crate::balance::Balancer;
+use crate::connect::{self, ConnectError};
+pub use crate::connect::{Connect, TcpConnect};
 use crate::metrics as m;
 
 /// Connect and copy settings.
@@ -34,28 +33,6 @@ pub struct L4Config {
     /// How long an accepted connection may wait for a backend that can take it (none
     /// ready, e.g. while the only worker restarts) before it is closed.
     pub queue_timeout: Duration,
-}
-
-/// Opens connections to backends; injectable so tests can script what a backend does.
-pub trait Connect: Send + Sync + 'static {
-    /// The connection type.
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// Connects to `addr`.
-    fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
-}
-
-/// Plain TCP with TCP_NODELAY, so small gRPC frames are not held back by Nagle.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TcpConnect;
-
-impl Connect for TcpConnect {
-    type Stream = TcpStream;
-
-    async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    }
 }
 
 /// Which side of a proxied connection an error came from; a metric label, and the log
@@ -266,42 +243,24 @@ impl<C: Connect> L4Proxy<C> {
             if attempt > 0 {
                 counter!(m::CONNECT_RETRIES).increment(1);
             }
-            let (failure, error) = match tokio::time::timeout(
+            match connect::connect(
+                &self.connector,
+                &self.backends,
+                backend,
                 self.config.connect_timeout,
-                self.connector.connect(backend.addr()),
             )
             .await
             {
-                Ok(Ok(stream)) => {
-                    self.backends.connect_succeeded(backend);
-                    return Ok((stream, guard));
+                Ok(stream) => return Ok((stream, guard)),
+                // Out of descriptors or ports here: no backend is at fault, so none is
+                // ejected and no other is tried; this client waits for better times.
+                Err(ConnectError::Local(e)) => return Err(L4Error::Local(e)),
+                Err(ConnectError::Backend { error, .. }) => {
+                    drop(guard);
+                    tried.add(backend);
+                    last = format!("{}: {error}", backend.name());
                 }
-                Ok(Err(e)) if is_local_shortage(&e) => {
-                    // Out of descriptors or ports here: no backend is at fault, so none is
-                    // ejected and no other is tried; this client waits for better times.
-                    return Err(L4Error::Local(e));
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    (ConnectFailure::Refused, e.to_string())
-                }
-                Ok(Err(e)) => (ConnectFailure::Other, e.to_string()),
-                Err(_) => (
-                    ConnectFailure::Timeout,
-                    format!("no answer within {:?}", self.config.connect_timeout),
-                ),
-            };
-            drop(guard);
-            tried.add(backend);
-            let ejected = self
-                .backends
-                .connect_failed(backend, failure, &error, Instant::now());
-            tracing::warn!(
-                backend = backend.name(),
-                error = %error,
-                ejected_for = ?ejected,
-                "connect to backend failed"
-            );
-            last = format!("{}: {error}", backend.name());
+            }
         }
         Err(L4Error::NoBackend {
             attempts: tried.len(),
@@ -417,22 +376,6 @@ where
         }
     })
     .await
-}
-
-/// Whether a connect failed for want of local resources rather than because of the backend.
-fn is_local_shortage(e: &io::Error) -> bool {
-    if e.kind() == io::ErrorKind::AddrNotAvailable {
-        // Out of ephemeral ports (EADDRNOTAVAIL).
-        return true;
-    }
-    // EMFILE and ENFILE have no ErrorKind of their own; their numbers are the same on
-    // Linux, macOS and the BSDs. Windows reports WSAEMFILE.
-    #[cfg(unix)]
-    const OUT_OF_FDS: [i32; 2] = [23, 24];
-    #[cfg(windows)]
-    const OUT_OF_FDS: [i32; 1] = [10024];
-    e.raw_os_error()
-        .is_some_and(|code| OUT_OF_FDS.contains(&code))
 }
 
 /// When bytes last moved on a connection, in milliseconds since it started; both copy
@@ -569,47 +512,9 @@ mod tests {
     use super::*;
     use crate::backend::{BackendSpec, EjectionConfig, Thresholds};
     use crate::balance::Balance;
-    use std::sync::Mutex;
+    use crate::connect::scripted::{Script, Scripted};
+    use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-
-    /// A connector whose backends are in-memory pipes; some addresses refuse, some fail
-    /// with a local shortage, the rest hand the test their far end.
-    #[derive(Clone, Default)]
-    struct Scripted(Arc<Script>);
-
-    #[derive(Default)]
-    struct Script {
-        refuse: Vec<SocketAddr>,
-        /// Addresses that never answer (a firewalled or hung host).
-        hang: Vec<SocketAddr>,
-        out_of_fds: bool,
-        attempts: Mutex<Vec<SocketAddr>>,
-        far_ends: Mutex<Vec<DuplexStream>>,
-    }
-
-    impl Connect for Scripted {
-        type Stream = DuplexStream;
-
-        async fn connect(&self, addr: SocketAddr) -> io::Result<DuplexStream> {
-            self.0.attempts.lock().expect("lock").push(addr);
-            if self.0.out_of_fds {
-                return Err(io::Error::from_raw_os_error(if cfg!(windows) {
-                    10024
-                } else {
-                    24
-                }));
-            }
-            if self.0.refuse.contains(&addr) {
-                return Err(io::ErrorKind::ConnectionRefused.into());
-            }
-            if self.0.hang.contains(&addr) {
-                std::future::pending::<()>().await;
-            }
-            let (near, far) = tokio::io::duplex(1024);
-            self.0.far_ends.lock().expect("lock").push(far);
-            Ok(near)
-        }
-    }
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))

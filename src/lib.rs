@@ -14,6 +14,8 @@
 //! - [`backend`]: the shared backend set: addresses, load, passive ejection, each backend's
 //!   lifecycle state (starting, ready, failing, draining, stopped) that checks, the
 //!   supervisor and the data path report to, and the bounded wait for a backend.
+//! - [`connect`]: the one connect path of both modes: timeout, a backend's failure told from
+//!   a local shortage, the outcome reported to the backend set.
 //! - [`l4`]: pick → connect (timeout, retry elsewhere) → copy both ways.
 //! - [`h2`]: HTTP/2 terminated; per call: pick → pooled backend connection → stream through.
 //! - [`health`]: active checks (TCP, `grpc.health.v1`) of every backend, following the set's
@@ -34,6 +36,7 @@ pub mod backoff;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod control;
 #[doc(hidden)]
 pub mod fuzz;

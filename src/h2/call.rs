@@ -22,7 +22,8 @@ use super::grpc::{self, Code};
 use super::pool::PoolError;
 use super::upload::Upload;
 use super::{CallMetrics, H2Proxy};
-use crate::backend::{ActiveGuard, Backend, ConnectFailure, Tried};
+use crate::backend::{ActiveGuard, Backend, Tried};
+use crate::connect::ConnectError;
 use crate::metrics as m;
 
 /// Calls in flight across the proxy, against `[h2] max_calls`: one atomic, no queue (the
@@ -170,32 +171,22 @@ impl H2Proxy {
                 code: Code::DeadlineExceeded,
                 message: format!("portshare: deadline exceeded {what}"),
             };
-            let Some(got) = by_deadline(deadline, self.pool().get(&backend)).await else {
-                return deadline_passed("while connecting to a backend");
-            };
+            let got = by_deadline(deadline, self.pool().get(&self.backends, &backend)).await;
             let mut send = match got {
-                Ok((send, fresh)) => {
-                    if fresh {
-                        self.backends.connect_succeeded(&backend);
-                    }
-                    send
-                }
-                Err(e) => {
-                    let failure = match &e {
-                        PoolError::Connect(io)
-                            if io.kind() == std::io::ErrorKind::ConnectionRefused =>
-                        {
-                            ConnectFailure::Refused
-                        }
-                        PoolError::Timeout(_) => ConnectFailure::Timeout,
-                        _ => ConnectFailure::Other,
+                None => return deadline_passed("while connecting to a backend"),
+                Some(Ok(send)) => send,
+                Some(Err(PoolError::Connect(ConnectError::Local(e)))) => {
+                    // Out of descriptors or ports here: no backend is at fault, and another
+                    // would fail the same way.
+                    return Placed::Failed {
+                        backend: None,
+                        code: Code::Unavailable,
+                        message: format!("portshare: cannot connect to a backend here: {e}"),
                     };
-                    let text = e.to_string();
-                    let ejected =
-                        self.backends
-                            .connect_failed(&backend, failure, &text, Instant::now());
-                    tracing::warn!(backend = backend.name(), error = %text, ejected_for = ?ejected, "connect to backend failed");
-                    last = format!("{}: {text}", backend.name());
+                }
+                Some(Err(e)) => {
+                    // Reported to the set already (counted, maybe ejected): try another.
+                    last = format!("{}: {e}", backend.name());
                     continue;
                 }
             };

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::BackendSet;
 use crate::balance::Balancer;
+use crate::connect::TcpConnect;
 use crate::metrics as m;
 use crate::tls::Tls;
 use call::InFlight;
@@ -153,7 +154,9 @@ impl H2Proxy {
             connection_window: config.connection_window,
             max_header_list_size: config.max_header_list_size,
         };
-        let pools = (0..threads.max(1)).map(|_| Pool::new(pool)).collect();
+        let pools = (0..threads.max(1))
+            .map(|_| Pool::new(pool, TcpConnect))
+            .collect();
         Self {
             metrics: CallMetrics {
                 in_flight: gauge!(m::CALLS_IN_FLIGHT),

@@ -5,17 +5,16 @@
 //! "too_many_pings", and a dead connection shows itself on the next call anyway.
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::{Builder, SendRequest};
-use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendSet, ConnectFailure};
+use crate::connect::{self, Connect, ConnectError, TcpConnect};
 
 /// HTTP/2 settings of the backend connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,15 +30,13 @@ pub struct PoolConfig {
     pub max_header_list_size: u32,
 }
 
-/// Why no connection could be had.
+/// Why no connection could be had. Either way it has been reported to the backend set
+/// (a local shortage blames no backend).
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// The TCP connect failed.
+    /// The connect failed.
     #[error("connect: {0}")]
-    Connect(#[source] io::Error),
-    /// The TCP connect took too long.
-    #[error("connect: no answer within {0:?}")]
-    Timeout(Duration),
+    Connect(#[from] ConnectError),
     /// The HTTP/2 handshake failed.
     #[error("HTTP/2 handshake: {0}")]
     Handshake(#[source] h2::Error),
@@ -78,10 +75,11 @@ impl Slot {
     }
 }
 
-/// Connections to every backend.
+/// Connections to every backend, opened through `C` (TCP but in tests).
 #[derive(Debug)]
-pub struct Pool {
+pub struct Pool<C = TcpConnect> {
     config: PoolConfig,
+    connector: C,
     /// One slot per backend, by backend id (an address can come back as another backend).
     /// Made on a backend's first call; read on every call, so a plain read lock.
     slots: RwLock<HashMap<u64, Entry>>,
@@ -91,11 +89,12 @@ pub struct Pool {
 /// the set can be told apart and dropped.
 type Entry = (Weak<Backend>, Arc<Slot>);
 
-impl Pool {
+impl<C: Connect> Pool<C> {
     /// An empty pool; backends get their slot on first use.
-    pub fn new(config: PoolConfig) -> Self {
+    pub fn new(config: PoolConfig, connector: C) -> Self {
         Self {
             config,
+            connector,
             slots: RwLock::default(),
         }
     }
@@ -116,28 +115,29 @@ impl Pool {
         Arc::clone(slot)
     }
 
-    /// An open connection to `backend`; `true` with it when it was opened just now. The
-    /// handle may still find the connection gone (or going away) when a stream is opened:
-    /// then [`Pool::invalidate`] and ask again.
+    /// An open connection to `backend`, opened now if it has none; the outcome of a connect
+    /// is reported to `set`. The handle may still find the connection gone (or going away)
+    /// when a stream is opened: then [`Pool::invalidate`] and ask again.
     pub async fn get(
         &self,
+        set: &BackendSet,
         backend: &Arc<Backend>,
-    ) -> Result<(SendRequest<Bytes>, bool), PoolError> {
+    ) -> Result<SendRequest<Bytes>, PoolError> {
         let slot = self.slot(backend);
         if let Some(c) = slot.ready() {
-            return Ok((c, false));
+            return Ok(c);
         }
         let _connecting = slot.connecting.lock().await;
         // Someone may have connected while this call waited.
         if let Some(c) = slot.ready() {
-            return Ok((c, false));
+            return Ok(c);
         }
         // Boxed: a connect's state (TCP connect, HTTP/2 handshake) would otherwise size
-        // every call's future, which is moved into its stream task on every call.
-        let fresh = Box::pin(self.connect(backend)).await?;
+        // every call's future.
+        let fresh = Box::pin(self.connect(set, backend)).await?;
         let send = fresh.send.clone();
         slot.set(Some(fresh));
-        Ok((send, true))
+        Ok(send)
     }
 
     /// Forgets `backend`'s connection (it refused a stream), so the next call opens a new one.
@@ -148,14 +148,10 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, backend: &Backend) -> Result<Conn, PoolError> {
-        let addr = backend.addr();
-        let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| PoolError::Timeout(self.config.connect_timeout))?
-            .map_err(PoolError::Connect)?;
-        stream.set_nodelay(true).map_err(PoolError::Connect)?;
-        let (send, conn) = Builder::new()
+    async fn connect(&self, set: &BackendSet, backend: &Backend) -> Result<Conn, PoolError> {
+        let stream =
+            connect::connect(&self.connector, set, backend, self.config.connect_timeout).await?;
+        let handshake = Builder::new()
             .initial_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
             .max_header_list_size(self.config.max_header_list_size)
@@ -164,8 +160,15 @@ impl Pool {
             .max_send_buffer_size(MAX_SEND_BUFFER)
             .enable_push(false)
             .handshake::<_, Bytes>(stream)
-            .await
-            .map_err(PoolError::Handshake)?;
+            .await;
+        let (send, conn) = match handshake {
+            Ok(handshaken) => handshaken,
+            Err(e) => {
+                let error = format!("HTTP/2 handshake: {e}");
+                connect::report_failure(set, backend, ConnectFailure::Other, &error);
+                return Err(PoolError::Handshake(e));
+            }
+        };
         let closed = Arc::new(AtomicBool::new(false));
         let name = backend.name().to_owned();
         let ended = Arc::clone(&closed);
@@ -193,3 +196,120 @@ const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// Data a connection buffers per stream beyond what flow control lets out: a message in
 /// flight, not a queue.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::backend::{BackendSpec, EjectionConfig, Thresholds};
+    use crate::connect::scripted::{Script, Scripted};
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn pool(ports: &[u16], script: Script) -> (Pool<Scripted>, Arc<BackendSet>, Scripted) {
+        let specs = ports.iter().map(|p| BackendSpec {
+            name: addr(*p).to_string(),
+            addr: addr(*p),
+            worker: None,
+        });
+        let set = Arc::new(BackendSet::new(
+            specs,
+            EjectionConfig {
+                base_time: Duration::from_secs(5),
+                max_time: Duration::from_secs(60),
+            },
+            Thresholds {
+                healthy: 2,
+                unhealthy: 3,
+            },
+        ));
+        let connector = Scripted(Arc::new(script));
+        let config = PoolConfig {
+            connect_timeout: Duration::from_secs(1),
+            stream_window: 65_535,
+            connection_window: 65_535,
+            max_header_list_size: 16 * 1024,
+        };
+        (Pool::new(config, connector.clone()), set, connector)
+    }
+
+    #[tokio::test]
+    async fn a_local_shortage_blames_no_backend() {
+        let script = Script {
+            out_of_fds: true,
+            ..Script::default()
+        };
+        let (pool, set, _) = pool(&[1, 2], script);
+        let backend = Arc::clone(&set.snapshot()[0]);
+        let err = pool.get(&set, &backend).await.expect_err("out of fds");
+        assert!(
+            matches!(err, PoolError::Connect(ConnectError::Local(_))),
+            "{err}"
+        );
+        assert!(!backend.is_ejected(Instant::now()));
+        assert_eq!(set.usable(Instant::now()), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_ejects_the_backend() {
+        let script = Script {
+            refuse: vec![addr(1)],
+            ..Script::default()
+        };
+        let (pool, set, _) = pool(&[1, 2], script);
+        let backend = Arc::clone(&set.snapshot()[0]);
+        let err = pool.get(&set, &backend).await.expect_err("refused");
+        assert!(
+            matches!(
+                err,
+                PoolError::Connect(ConnectError::Backend {
+                    failure: ConnectFailure::Refused,
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        assert!(backend.is_ejected(Instant::now()));
+        assert_eq!(set.usable(Instant::now()), 1);
+    }
+
+    #[tokio::test]
+    async fn one_connection_serves_every_call_until_it_closes() {
+        let (pool, set, conn) = pool(&[1], Script::default());
+        let backend = Arc::clone(&set.snapshot()[0]);
+        let opened = pool.get(&set, &backend);
+        let answered = async {
+            // Plays the backend: the far end of the first connection speaks HTTP/2.
+            loop {
+                let far = conn.0.far_ends.lock().expect("lock").pop();
+                if let Some(far) = far {
+                    return h2::server::handshake(far).await.expect("server handshake");
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let (first, mut server) = tokio::join!(opened, answered);
+        first.expect("first connection");
+        pool.get(&set, &backend).await.expect("pooled");
+        assert_eq!(conn.0.attempts.lock().expect("lock").len(), 1);
+        // The backend closes the connection: the next call opens a new one.
+        server.abrupt_shutdown(h2::Reason::NO_ERROR);
+        drop(server);
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while pool.slot(&backend).ready().is_some() {
+                tokio::task::yield_now().await;
+            }
+        });
+        closed.await.expect("the pool sees the connection close");
+        let reopened =
+            tokio::time::timeout(Duration::from_millis(200), pool.get(&set, &backend)).await;
+        // Nobody answers the new connection's handshake here: what counts is the attempt.
+        drop(reopened);
+        assert_eq!(conn.0.attempts.lock().expect("lock").len(), 2);
+    }
+}
