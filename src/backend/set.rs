@@ -146,31 +146,11 @@ impl BackendSet {
     /// rather than refuse the client outright. Backends that checks or the supervisor took
     /// out (starting, unhealthy, not serving, draining, stopped) are never offered.
     pub fn candidates(&self, now: Instant, tried: &Tried, cap: Option<usize>) -> Vec<Arc<Backend>> {
-        // This runs for every connection (l4) or call (h2): one pass, one lock per backend.
         let snapshot = self.snapshot();
-        let mut usable = Vec::with_capacity(snapshot.len());
-        let mut ejected = Vec::new();
-        for b in snapshot.iter() {
-            if cap.is_some_and(|cap| b.active() >= cap) {
-                continue;
-            }
-            let (takes_traffic, is_ejected) = {
-                let s = lock(&b.state);
-                if !tried.is_empty() && tried.has(b.addr(), s.health.generation) {
-                    continue;
-                }
-                (
-                    s.health.health.takes_traffic(),
-                    s.passive.ejected_until.is_some_and(|t| t > now),
-                )
-            };
-            match (takes_traffic, is_ejected) {
-                (true, false) => usable.push(Arc::clone(b)),
-                (true, true) => ejected.push(Arc::clone(b)),
-                _ => {}
-            }
-        }
-        if usable.is_empty() { ejected } else { usable }
+        eligible(&snapshot, now, tried, cap)
+            .into_iter()
+            .cloned()
+            .collect()
     }
 
     /// Picks a backend for one call or connection and counts it there: `None` when none
@@ -184,7 +164,10 @@ impl BackendSet {
         // With a cap, another pick may take the last place between the look and the count;
         // then look again, a few times at most (the wait below catches the rest).
         for _ in 0..4 {
-            let candidates = self.candidates(Instant::now(), tried, cap);
+            // Borrowed from one snapshot: no reference count of a backend is touched (those
+            // cache lines are shared by every thread) unless it is picked.
+            let snapshot = self.snapshot();
+            let candidates = eligible(&snapshot, Instant::now(), tried, cap);
             let i = balancer.pick(&candidates, |b| b.active())?;
             if let Some(guard) = candidates[i].try_track(cap) {
                 // Looked at again once counted: a backend taken out meanwhile (drained for
@@ -329,6 +312,39 @@ impl BackendSet {
             b.metrics.up.set(if b.is_usable(now) { 1.0 } else { 0.0 });
         }
     }
+}
+
+/// [`BackendSet::candidates`] among `backends`, borrowed.
+fn eligible<'a>(
+    backends: &'a [Arc<Backend>],
+    now: Instant,
+    tried: &Tried,
+    cap: Option<usize>,
+) -> Vec<&'a Arc<Backend>> {
+    // This runs for every connection (l4) or call (h2): one pass, one lock per backend.
+    let mut usable = Vec::with_capacity(backends.len());
+    let mut ejected = Vec::new();
+    for b in backends {
+        if cap.is_some_and(|cap| b.active() >= cap) {
+            continue;
+        }
+        let (takes_traffic, is_ejected) = {
+            let s = lock(&b.state);
+            if !tried.is_empty() && tried.has(b.addr(), s.health.generation) {
+                continue;
+            }
+            (
+                s.health.health.takes_traffic(),
+                s.passive.ejected_until.is_some_and(|t| t > now),
+            )
+        };
+        match (takes_traffic, is_ejected) {
+            (true, false) => usable.push(b),
+            (true, true) => ejected.push(b),
+            _ => {}
+        }
+    }
+    if usable.is_empty() { ejected } else { usable }
 }
 
 #[cfg(test)]

@@ -165,7 +165,8 @@ impl H2Proxy {
             if attempt > 0 {
                 counter!(m::CALL_RETRIES).increment(1);
             }
-            tried.add(&backend);
+            // Recorded as tried only when it failed: every way out of this loop's body that
+            // does not return is a failure.
             let deadline_passed = |what: &str| Placed::Failed {
                 backend: Some(Arc::clone(&backend)),
                 code: Code::DeadlineExceeded,
@@ -187,6 +188,7 @@ impl H2Proxy {
                 Some(Err(e)) => {
                     // Reported to the set already (counted, maybe ejected): try another.
                     last = format!("{}: {e}", backend.name());
+                    tried.add(&backend);
                     continue;
                 }
             };
@@ -204,6 +206,7 @@ impl H2Proxy {
                     // GOAWAY): the call never left, and the next one gets a fresh connection.
                     self.pool().invalidate(&backend);
                     last = format!("{}: {e}", backend.name());
+                    tried.add(&backend);
                     continue;
                 }
             };
@@ -229,6 +232,7 @@ impl H2Proxy {
                     }
                     tracing::debug!(backend = backend.name(), error = %e, "backend refused the call unprocessed; sending it elsewhere");
                     last = format!("{}: {e}", backend.name());
+                    tried.add(&backend);
                 }
                 Some(Waited::Head(Err(e))) => {
                     tracing::debug!(backend = backend.name(), error = %e, detail = ?e, "backend failed the call");
@@ -263,8 +267,13 @@ impl H2Proxy {
         let (head, from) = response.into_parts();
         self.metrics.in_flight.increment(1.0);
         let mut call = Call {
-            // A Trailers-Only answer has its status in the head.
-            status: grpc::status(&head.headers),
+            // A Trailers-Only answer has its status in the head; any other has it in the
+            // trailers.
+            status: if from.is_end_stream() {
+                grpc::status(&head.headers)
+            } else {
+                None
+            },
             metrics: &self.metrics,
             guard,
             started,
