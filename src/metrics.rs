@@ -47,7 +47,10 @@ pub const WORKER_MEMORY: &str = "portshare_worker_memory_bytes";
 pub const WORKER_UP: &str = "portshare_worker_up";
 /// h2 mode: calls finished, by `backend` and `grpc_status`.
 pub const CALLS: &str = "portshare_calls_total";
-/// h2 mode: how long calls take, from arrival to the end of the response.
+/// h2 mode: calls finished, by gRPC `method` (the first 200 distinct ones, then `other`)
+/// and `grpc_status`.
+pub const METHOD_CALLS: &str = "portshare_method_calls_total";
+/// h2 mode: how long calls take, from arrival to the end of the response, by `method`.
 pub const CALL_DURATION_SECONDS: &str = "portshare_call_duration_seconds";
 /// h2 mode: calls in flight.
 pub const CALLS_IN_FLIGHT: &str = "portshare_calls_in_flight";
@@ -126,10 +129,14 @@ fn describe() {
         CALLS,
         "Calls finished (h2 mode), by backend and grpc_status."
     );
+    describe_counter!(
+        METHOD_CALLS,
+        "Calls finished (h2 mode), by gRPC method (the first 200 distinct, then \"other\") and grpc_status."
+    );
     describe_histogram!(
         CALL_DURATION_SECONDS,
         Unit::Seconds,
-        "Call duration (h2 mode), arrival to end of response."
+        "Call duration (h2 mode), arrival to end of response, by gRPC method."
     );
     describe_gauge!(CALLS_IN_FLIGHT, "Calls in flight (h2 mode).");
     describe_counter!(

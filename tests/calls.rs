@@ -85,6 +85,13 @@ fn every_kind_of_call_goes_through(mode: &str) {
             })
             .sum();
         assert_eq!(ok, 4.0, "four calls, all OK");
+        // And with its gRPC method: one call of each kind.
+        for method in ["Unary", "ServerStream", "ClientStream", "Bidi"] {
+            let series = format!(
+                "portshare_method_calls_total{{method=\"/portshare.test.Echo/{method}\",grpc_status=\"0\"}}"
+            );
+            assert_eq!(proxy.metric(&series), 1.0, "{series}");
+        }
         return;
     }
     // Byte counters moved in both directions, per backend.

@@ -93,6 +93,18 @@ fn no_backend_is_unavailable_after_the_queue_timeout() {
         started.elapsed()
     );
     assert!(proxy.metric("portshare_calls_total{backend=\"none\",grpc_status=\"14\"}") >= 1.0);
+    // Counted with its method too, and timed.
+    let method = "/portshare.test.Echo/Unary";
+    assert!(
+        proxy.metric(&format!(
+            "portshare_method_calls_total{{method=\"{method}\",grpc_status=\"14\"}}"
+        )) >= 1.0
+    );
+    assert!(
+        proxy.metric(&format!(
+            "portshare_call_duration_seconds_count{{method=\"{method}\"}}"
+        )) >= 1.0
+    );
     assert!(proxy.metric("portshare_queue_timeouts_total") >= 1.0);
     assert_eq!(proxy.metric("portshare_queue_waiting"), 0.0);
     let r = client(&["unary", "--target", &proxy.target(), "--timeout", "0.5"]);

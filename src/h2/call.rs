@@ -15,16 +15,18 @@ use h2::client::ResponseFuture;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Request, Response, request};
-use metrics::{counter, histogram};
+use metrics::{Gauge, counter};
 use tokio::time::Instant;
 
+use super::H2Proxy;
 use super::grpc::{self, Code};
+use super::methods::Method;
 use super::pool::PoolError;
 use super::upload::Upload;
-use super::{CallMetrics, H2Proxy};
 use crate::backend::{ActiveGuard, Backend, Tried};
 use crate::connect::ConnectError;
 use crate::metrics as m;
+use crate::threads;
 
 /// Calls in flight across the proxy, against `[h2] max_calls`: one atomic, no queue (the
 /// excess is shed at once).
@@ -91,11 +93,13 @@ impl H2Proxy {
     /// Serves one call until it ends (or its connection task drops it).
     pub(super) async fn call(&self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         let started = Instant::now();
+        let method = self.methods.get(threads::current(), req.uri().path());
         let Some(_slot) = self.in_flight.try_acquire() else {
             counter!(m::CALLS_SHED).increment(1);
             self.reject(
                 &mut respond,
                 None,
+                method,
                 started,
                 Code::ResourceExhausted,
                 "portshare: too many calls in flight",
@@ -106,15 +110,23 @@ impl H2Proxy {
         let mut upload = Upload::new(body);
         match self.place(&head, &mut upload, &mut respond, started).await {
             Placed::Answered { response, guard } => {
-                self.relay(response, guard, upload, respond, started).await;
+                self.relay(response, guard, upload, respond, method, started)
+                    .await;
             }
             Placed::Failed {
                 backend,
                 code,
                 message,
-            } => self.reject(&mut respond, backend.as_deref(), started, code, &message),
+            } => self.reject(
+                &mut respond,
+                backend.as_deref(),
+                method,
+                started,
+                code,
+                &message,
+            ),
             Placed::Cancelled { backend } => {
-                self.record(backend.as_deref(), Code::Cancelled, started);
+                self.record(backend.as_deref(), method, Code::Cancelled, started);
             }
         }
     }
@@ -262,6 +274,7 @@ impl H2Proxy {
         guard: ActiveGuard,
         mut upload: Upload,
         mut respond: SendResponse<Bytes>,
+        method: &Method,
         started: Instant,
     ) {
         let (head, from) = response.into_parts();
@@ -274,7 +287,8 @@ impl H2Proxy {
             } else {
                 None
             },
-            metrics: &self.metrics,
+            in_flight: &self.metrics.in_flight,
+            method,
             guard,
             started,
         };
@@ -308,31 +322,27 @@ impl H2Proxy {
         &self,
         respond: &mut SendResponse<Bytes>,
         backend: Option<&Backend>,
+        method: &Method,
         started: Instant,
         code: Code,
         message: &str,
     ) {
-        self.record(backend, code, started);
+        self.record(backend, method, code, started);
         if let Err(e) = respond.send_response(grpc::trailers_only(code, message), true) {
             tracing::debug!(error = %e, "the client's stream took no answer");
         }
     }
 
     /// Counts a call that ended before its backend answered.
-    fn record(&self, backend: Option<&Backend>, code: Code, started: Instant) {
+    fn record(&self, backend: Option<&Backend>, method: &Method, code: Code, started: Instant) {
         match backend {
-            Some(b) => {
-                b.count_call(code.as_u32());
-                self.metrics
-                    .duration
-                    .record(started.elapsed().as_secs_f64());
-            }
+            Some(b) => b.count_call(code.as_u32()),
             None => {
                 counter!(m::CALLS, "backend" => "none", "grpc_status" => code.as_u32().to_string())
                     .increment(1);
-                histogram!(m::CALL_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
             }
         }
+        method.record(code.as_u32(), started.elapsed().as_secs_f64());
     }
 }
 
@@ -379,7 +389,8 @@ async fn by_deadline<F: Future>(deadline: Option<Instant>, f: F) -> Option<F::Ou
 struct Call<'a> {
     /// Counts the call against its backend (p2c reads that).
     guard: ActiveGuard,
-    metrics: &'a CallMetrics,
+    in_flight: &'a Gauge,
+    method: &'a Method,
     started: Instant,
     /// The gRPC status, once seen; none when the call ended without one (the client went
     /// away, or the backend's stream ended bare).
@@ -388,12 +399,11 @@ struct Call<'a> {
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
-        self.metrics.in_flight.decrement(1.0);
+        self.in_flight.decrement(1.0);
         let status = self.status.unwrap_or(Code::Cancelled.as_u32());
         self.guard.backend().count_call(status);
-        self.metrics
-            .duration
-            .record(self.started.elapsed().as_secs_f64());
+        self.method
+            .record(status, self.started.elapsed().as_secs_f64());
     }
 }
 

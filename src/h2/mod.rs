@@ -8,6 +8,7 @@
 
 mod call;
 pub mod grpc;
+pub mod methods;
 pub mod pool;
 mod upload;
 
@@ -18,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,7 @@ use crate::connect::TcpConnect;
 use crate::metrics as m;
 use crate::tls::Tls;
 use call::InFlight;
+use methods::{METHOD_LIMIT, Methods};
 use pool::{Pool, PoolConfig};
 
 /// The HTTP/2 connection preface every h2 client sends first.
@@ -76,6 +78,8 @@ pub struct H2Proxy {
     in_flight: InFlight,
     /// Per-call metric handles.
     metrics: CallMetrics,
+    /// Per-method metric handles.
+    methods: Methods,
 }
 
 /// What the first bytes of a connection say.
@@ -160,8 +164,8 @@ impl H2Proxy {
         Self {
             metrics: CallMetrics {
                 in_flight: gauge!(m::CALLS_IN_FLIGHT),
-                duration: histogram!(m::CALL_DURATION_SECONDS),
             },
+            methods: Methods::new(threads, METHOD_LIMIT),
             in_flight: InFlight::new(config.max_calls),
             config,
             backends,
@@ -296,7 +300,6 @@ impl H2Proxy {
 #[derive(Debug, Clone)]
 struct CallMetrics {
     in_flight: metrics::Gauge,
-    duration: metrics::Histogram,
 }
 
 #[cfg(test)]
