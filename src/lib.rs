@@ -24,12 +24,14 @@
 //!   stop, crash loops.
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`metrics`]: metric names, described once; the Prometheus recorder.
+//! - [`access_log`]: one line per call (h2) or connection (l4), written off the data path.
 //! - [`admin`]: `/healthz`, `/readyz`, `/backends`, `/metrics`.
 //! - [`status`]: `portshare status`, a table from a running instance's `/backends`.
 //! - `fuzz`: the entry points of the fuzz targets in `fuzz/` (hidden from the docs).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access_log;
 pub mod admin;
 pub mod backend;
 pub mod backoff;

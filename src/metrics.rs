@@ -52,6 +52,8 @@ pub const CALLS: &str = "portshare_calls_total";
 pub const METHOD_CALLS: &str = "portshare_method_calls_total";
 /// h2 mode: how long calls take, from arrival to the end of the response, by `method`.
 pub const CALL_DURATION_SECONDS: &str = "portshare_call_duration_seconds";
+/// Access-log lines dropped because the writer could not keep up.
+pub const ACCESS_LOG_DROPPED: &str = "portshare_access_log_dropped_total";
 /// h2 mode: calls in flight.
 pub const CALLS_IN_FLIGHT: &str = "portshare_calls_in_flight";
 /// h2 mode: calls placed again on another backend that certainly never saw them.
@@ -139,6 +141,10 @@ fn describe() {
         "Call duration (h2 mode), arrival to end of response, by gRPC method."
     );
     describe_gauge!(CALLS_IN_FLIGHT, "Calls in flight (h2 mode).");
+    describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access-log lines dropped because the destination could not keep up."
+    );
     describe_counter!(
         CALL_RETRIES,
         "Calls placed again on another backend that never saw them (h2 mode)."
