@@ -291,3 +291,40 @@ fn recycling_is_off_unless_asked_and_hang_detection_is_on() {
         .map(|w| w.count);
     assert!(count.is_some_and(|n| n >= 1));
 }
+
+/// Each flag the keys table names sets that key (and no other place says otherwise).
+#[test]
+fn every_flag_of_the_keys_table_sets_its_key() {
+    use clap::Parser;
+    for key in keys::KEYS {
+        let Some(flag) = key.flag else { continue };
+        let mut words = flag.split_whitespace();
+        let (Some(name), Some(placeholder)) = (words.next(), words.next()) else {
+            panic!("{}: flag {flag:?} has no value placeholder", key.name);
+        };
+        let value = match (placeholder, key.default) {
+            ("ADDR", _) => "127.0.0.1:9",
+            ("FILE", _) => "x.pem",
+            ("NAME", _) => "svc",
+            ("SIZE", _) => "1MiB",
+            ("COMMAND", _) => "true",
+            (words, _) if words.contains('|') => words.split('|').next().unwrap_or_default(),
+            (_, keys::KeyDefault::Text(t)) => t,
+            _ => "1",
+        };
+        let args = ["portshare", name, value];
+        let opts = crate::cli::Cli::try_parse_from(args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .opts;
+        let r = raw(&opts, &env(&[])).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let written: toml::Table = toml::to_string(&r)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{args:?}: not rendered"));
+        let set = match key.split() {
+            (Some(table), name) => written.get(table).and_then(|t| t.get(name)),
+            (None, name) => written.get(name),
+        };
+        assert!(set.is_some(), "{flag} does not set {}: {written}", key.name);
+    }
+}
