@@ -171,6 +171,26 @@ fn bad_values_name_their_key() {
             &[("PORTSHARE_EJECTION__MAX_TIME", "1ms")],
             "ejection.max_time",
         ),
+        (
+            &["127.0.0.1:9"],
+            &[("PORTSHARE_EJECTION__MAX_TIME", "soon")],
+            "ejection.max_time",
+        ),
+        (
+            &["127.0.0.1:9"],
+            &[("PORTSHARE_WORKERS__MAX_MEMORY", "lots")],
+            "workers.max_memory",
+        ),
+        (
+            &["127.0.0.1:9"],
+            &[("PORTSHARE_WORKERS__MAX_CALLS_JITTER", "150%")],
+            "workers.max_calls_jitter",
+        ),
+        (
+            &["127.0.0.1:9"],
+            &[("PORTSHARE_HEALTH__CHECK", "http")],
+            "health.check",
+        ),
     ];
     for (backends, vars, key) in cases {
         let e = load_err(&opts(backends), &env(vars));
