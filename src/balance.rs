@@ -2,7 +2,6 @@
 //! synchronous logic over a list of candidates, so it can be tested without a socket.
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How a backend is chosen among the usable ones.
@@ -32,21 +31,6 @@ impl Balance {
 impl fmt::Display for Balance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Balance {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "least-conn" => Ok(Balance::LeastConn),
-            "round-robin" => Ok(Balance::RoundRobin),
-            "p2c" => Ok(Balance::P2c),
-            other => Err(format!(
-                "unknown balance {other:?} (expected least-conn, round-robin or p2c)"
-            )),
-        }
     }
 }
 
@@ -207,14 +191,6 @@ mod tests {
     fn p2c_never_picks_the_most_loaded_of_two() {
         let seen = counts(&Balancer::new(Balance::P2c), &[9, 1], 200);
         assert_eq!(seen, vec![0, 200]);
-    }
-
-    #[test]
-    fn balance_names_round_trip() {
-        for kind in [Balance::LeastConn, Balance::RoundRobin, Balance::P2c] {
-            assert_eq!(kind.as_str().parse::<Balance>(), Ok(kind));
-        }
-        assert!("random".parse::<Balance>().is_err());
     }
 
     proptest! {

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::keys;
+
 /// One listener that balances gRPC (HTTP/2) connections over worker processes.
 #[derive(Debug, Parser)]
 #[command(name = "portshare", version, about, long_about = None)]
@@ -43,90 +45,107 @@ pub struct Opts {
     /// TOML configuration file (see config/portshare.toml for every key).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The public listener [default: [::]:50051].
-    #[arg(long, global = true, value_name = "ADDR")]
+    /// `listen` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "ADDR", help = keys::help("listen"))]
     pub listen: Option<String>,
-    /// l4: each client connection goes to one backend, bytes copied both ways; h2: HTTP/2
-    /// terminated and every call balanced on its own [default: l4].
-    #[arg(long, global = true, value_name = "l4|h2")]
+    /// `mode` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "l4|h2", help = keys::help("mode"))]
     pub mode: Option<String>,
-    /// A backend that already runs, HOST:PORT; HOST:P1-P2 adds a port range. Repeatable.
-    #[arg(long = "backend", global = true, value_name = "ADDR")]
+    /// `backends` (the text is the keys table's).
+    #[arg(long = "backend", global = true, value_name = "ADDR", help = keys::help("backends"))]
     pub backends: Vec<String>,
-    /// How a backend is picked, per connection (l4) or per call (h2) [default: least-conn in
-    /// l4, p2c in h2].
-    #[arg(long, global = true, value_name = "least-conn|round-robin|p2c")]
+    /// `balance` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "least-conn|round-robin|p2c", help = keys::help("balance"))]
     pub balance: Option<String>,
-    /// Admin HTTP listener for /metrics, /healthz, /readyz and /backends [default: off].
-    #[arg(long, global = true, value_name = "ADDR")]
+    /// `admin` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "ADDR", help = keys::help("admin"))]
     pub admin: Option<String>,
-    /// Client connections held at once; more wait in the kernel's backlog [default: 10000].
-    #[arg(long, global = true, value_name = "N")]
+    /// `max_connections` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "N", help = keys::help("max_connections"))]
     pub max_connections: Option<u64>,
-    /// How long open connections may finish after SIGTERM [default: 30s].
-    #[arg(long, global = true, value_name = "DURATION")]
+    /// `drain_timeout` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "DURATION", help = keys::help("drain_timeout"))]
     pub drain_timeout: Option<String>,
-    /// How long a connect to a backend may take before another is tried [default: 2s].
-    #[arg(long, global = true, value_name = "DURATION")]
+    /// `connect_timeout` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "DURATION", help = keys::help("connect_timeout"))]
     pub connect_timeout: Option<String>,
-    /// Backends tried for one client connection before it is given up [default: 3].
-    #[arg(long, global = true, value_name = "N")]
+    /// `connect_attempts` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "N", help = keys::help("connect_attempts"))]
     pub connect_attempts: Option<u64>,
-    /// A proxied connection with no bytes either way for this long is closed [default: 1h].
-    #[arg(long, global = true, value_name = "DURATION")]
+    /// `idle_timeout` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "DURATION", help = keys::help("idle_timeout"))]
     pub idle_timeout: Option<String>,
-    /// How long a call (h2) or client connection (l4) may wait for a backend that can take
-    /// it (none ready, e.g. while workers start or restart; all at their cap) [default: 10s].
-    #[arg(long, global = true, value_name = "DURATION")]
+    /// `queue_timeout` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "DURATION", help = keys::help("queue_timeout"))]
     pub queue_timeout: Option<String>,
-    /// h2: calls in flight one backend may have; more wait for a free one (0: no cap)
-    /// [default: 0].
-    #[arg(long, global = true, value_name = "N")]
+    /// `h2.max_calls_per_backend` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "N", help = keys::help("h2.max_calls_per_backend"))]
     pub max_calls_per_backend: Option<u64>,
-    /// Active health check of every backend [default: tcp].
-    #[arg(long, global = true, value_name = "tcp|grpc")]
+    /// `health.check` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "tcp|grpc", help = keys::help("health.check"))]
     pub health: Option<String>,
-    /// The service name asked about by the grpc check [default: "", the whole server].
-    #[arg(long, global = true, value_name = "NAME")]
+    /// `health.service` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "NAME", help = keys::help("health.service"))]
     pub health_service: Option<String>,
-    /// Spawn and supervise N workers running COMMAND (given after `--`); `auto`: one per
-    /// CPU this process may use (cgroup CPU quotas honoured), at least 1.
-    #[arg(long, global = true, value_name = "N|auto")]
+    /// `workers.count` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "N|auto", help = keys::help("workers.count"))]
     pub workers: Option<String>,
-    /// Worker i listens on P+i and its replacement in a rolling restart on P+N+i (N workers
-    /// take 2N ports); 0 picks free ports [default: listen port + 1].
-    #[arg(long, global = true, value_name = "P")]
+    /// `workers.port_base` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "P", help = keys::help("workers.port_base"))]
     pub worker_port_base: Option<u64>,
-    /// A worker whose health check has failed without a pass this long is replaced (its
-    /// replacement ready first), and the hung process killed; 0: never [default: 30s].
-    #[arg(long, global = true, value_name = "DURATION")]
+    /// `workers.hang_timeout` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "DURATION", help = keys::help("workers.hang_timeout"))]
     pub worker_hang_timeout: Option<String>,
-    /// Recycle a worker after this many calls (h2) or client connections (l4), plus up to
-    /// [workers] max_calls_jitter (10%) more; 0: never [default: 0].
-    #[arg(long, global = true, value_name = "N")]
+    /// `workers.max_calls` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "N", help = keys::help("workers.max_calls"))]
     pub worker_max_calls: Option<u64>,
-    /// Recycle a worker after it has run this long (e.g. 6h), plus up to 10% more; 0:
-    /// never [default: 0].
-    #[arg(long, global = true, value_name = "DURATION")]
+    /// `workers.max_lifetime` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "DURATION", help = keys::help("workers.max_lifetime"))]
     pub worker_max_lifetime: Option<String>,
-    /// Recycle a worker whose process tree's resident memory stays above this (e.g.
-    /// 512MiB) [default: off].
-    #[arg(long, global = true, value_name = "SIZE")]
+    /// `workers.max_memory` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "SIZE", help = keys::help("workers.max_memory"))]
     pub worker_max_memory: Option<String>,
-    /// The worker command and its arguments; `{port}` becomes the worker's port and
-    /// `{index}` its number.
-    #[arg(last = true, global = true, value_name = "COMMAND")]
+    /// `workers.command` (the text is the keys table's).
+    #[arg(last = true, global = true, value_name = "COMMAND", help = keys::help("workers.command"))]
     pub command: Vec<String>,
-    /// Terminate TLS with this PEM certificate chain (with --tls-key).
-    #[arg(long, global = true, value_name = "FILE")]
+    /// `tls.cert` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "FILE", help = keys::help("tls.cert"))]
     pub tls_cert: Option<String>,
-    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
-    #[arg(long, global = true, value_name = "FILE")]
+    /// `tls.key` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "FILE", help = keys::help("tls.key"))]
     pub tls_key: Option<String>,
-    /// Require client certificates signed by these PEM CA certificates (mTLS).
-    #[arg(long, global = true, value_name = "FILE")]
+    /// `tls.client_ca` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "FILE", help = keys::help("tls.client_ca"))]
     pub tls_client_ca: Option<String>,
-    /// Log lines as human-readable text or JSON objects [default: text].
-    #[arg(long, global = true, value_name = "text|json")]
+    /// `log_format` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "text|json", help = keys::help("log_format"))]
     pub log_format: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Each key's flag shows the keys table's text for it.
+    #[test]
+    fn flags_take_their_help_from_the_keys_table() {
+        let command = Cli::command();
+        for key in keys::KEYS {
+            let Some(flag) = key.flag else { continue };
+            let arg = match flag.split_whitespace().next() {
+                Some("--") => command.get_arguments().find(|a| a.get_id() == "command"),
+                Some(long) => command
+                    .get_arguments()
+                    .find(|a| a.get_long() == long.strip_prefix("--")),
+                None => None,
+            };
+            let Some(arg) = arg else {
+                panic!("{}: no flag {flag}", key.name);
+            };
+            let shown = arg.get_help().map(ToString::to_string);
+            assert_eq!(shown, Some(keys::help(key.name)), "{flag}");
+        }
+    }
 }

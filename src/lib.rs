@@ -3,8 +3,9 @@
 //!
 //! # Layout
 //! In data-path order:
-//! - [`cli`]: the command line, mirroring the config keys.
-//! - [`config`]: defaults < TOML file < `PORTSHARE_*` env < flags, validated into [`config::Config`].
+//! - [`cli`]: the command line, mirroring the config keys (help text from the keys table).
+//! - [`config`]: the one table of keys (name, flag, default, doc); defaults < TOML file <
+//!   `PORTSHARE_*` env < flags, validated into [`config::Config`].
 //! - [`control`]: requests from outside (SIGHUP, `POST /workers/restart`, forwarded signals).
 //! - [`shutdown`]: signals, the stop token and task tracker, the bounded drain.
 //! - [`listener`]: bind, permit before accept, accept backoff, one task per connection.
