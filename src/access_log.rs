@@ -31,6 +31,16 @@ pub enum Target {
     File(PathBuf),
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Stdout => f.write_str("stdout"),
+            Target::Stderr => f.write_str("stderr"),
+            Target::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
 /// How a line looks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

@@ -120,6 +120,9 @@ pub struct Opts {
     /// `log_format` (the text is the keys table's).
     #[arg(long, global = true, value_name = "text|json", help = keys::help("log_format"))]
     pub log_format: Option<String>,
+    /// `access_log` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "off|stdout|stderr|PATH", help = keys::help("access_log"))]
+    pub access_log: Option<String>,
 }
 
 #[cfg(test)]

@@ -4,17 +4,19 @@
 
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use metrics::counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::{AccessLog, ConnectionRecord, Record};
 use crate::backend::{ActiveGuard, Backend, BackendSet, Tried};
 use crate::balance::Balancer;
 use crate::connect::{self, ConnectError};
@@ -114,6 +116,17 @@ pub enum End {
     Aborted,
 }
 
+impl End {
+    /// As the access log writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Idle => "idle",
+            End::Aborted => "aborted",
+        }
+    }
+}
+
 /// What one proxied connection did.
 #[derive(Debug, Clone)]
 pub struct Transfer {
@@ -138,6 +151,8 @@ pub struct L4Proxy<C = TcpConnect> {
     balancer: Balancer,
     /// How one is reached.
     connector: C,
+    /// Where each connection's line goes, if anywhere.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl<C: Connect> L4Proxy<C> {
@@ -153,15 +168,61 @@ impl<C: Connect> L4Proxy<C> {
             backends,
             balancer,
             connector,
+            access_log: None,
         }
     }
 
     /// Serves one client connection, logging and counting how it ended.
-    pub async fn handle<S>(&self, client: S, abort: &CancellationToken)
+    pub async fn handle<S>(&self, client: S, peer: SocketAddr, abort: &CancellationToken)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        match self.proxy(client, abort).await {
+        match &self.access_log {
+            None => self.finish(self.proxy(client, abort).await),
+            // Boxed: the line's facts would otherwise widen every connection's task.
+            Some(log) => Box::pin(self.handle_logged(client, peer, abort, log)).await,
+        }
+    }
+
+    /// [`L4Proxy::handle`], writing the connection's access-log line at the end.
+    async fn handle_logged<S>(
+        &self,
+        client: S,
+        peer: SocketAddr,
+        abort: &CancellationToken,
+        log: &AccessLog,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (at, started) = (SystemTime::now(), Instant::now());
+        let result = self.proxy(client, abort).await;
+        {
+            let (backend, to_backend, to_client, end) = match &result {
+                Ok(t) => (
+                    Some(t.backend.name().to_owned()),
+                    t.to_backend,
+                    t.to_client,
+                    t.end.as_str(),
+                ),
+                Err(L4Error::Copy { backend, .. }) => (Some(backend.clone()), 0, 0, "error"),
+                Err(e) => (None, 0, 0, e.reason()),
+            };
+            log.log(Record::Connection(ConnectionRecord {
+                at,
+                peer,
+                backend,
+                duration: started.elapsed(),
+                to_backend,
+                to_client,
+                end,
+            }));
+        }
+        self.finish(result);
+    }
+
+    /// Logs and counts how a connection ended.
+    fn finish(&self, result: Result<Transfer, L4Error>) {
+        match result {
             Ok(t) => tracing::debug!(
                 backend = t.backend.name(),
                 to_backend = t.to_backend,
@@ -178,6 +239,12 @@ impl<C: Connect> L4Proxy<C> {
                 }
             }
         }
+    }
+
+    /// Writes a line for every client connection to `log`.
+    pub fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Self {
+        self.access_log = log;
+        self
     }
 
     /// Connects `client` to a backend and copies bytes both ways until the connection ends.

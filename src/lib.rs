@@ -64,6 +64,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::AccessLog;
 use crate::backend::{BackendSet, BackendSpec, WorkerIndex};
 use crate::balance::Balancer;
 use crate::config::{Config, Mode};
@@ -102,6 +103,15 @@ pub enum Error {
     /// The metrics recorder could not be installed.
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    /// The access log could not be opened.
+    #[error("cannot open the access log {target}: {source}")]
+    AccessLog {
+        /// Where it was to go.
+        target: String,
+        /// Why not.
+        #[source]
+        source: io::Error,
+    },
     /// The data-path threads could not be started.
     #[error("cannot start the data-path threads: {0}")]
     Runtime(#[source] io::Error),
@@ -148,15 +158,16 @@ fn log_bound(role: &'static str, l: &TcpListener) {
 async fn l4_connection(
     proxy: Arc<L4Proxy<TcpConnect>>,
     stream: TcpStream,
+    peer: SocketAddr,
     abort: CancellationToken,
     tls: Option<Arc<tls::Tls>>,
 ) {
     match tls {
-        None => proxy.handle(stream, &abort).await,
+        None => proxy.handle(stream, peer, &abort).await,
         Some(tls) => {
             Box::pin(async move {
                 if let Some(stream) = tls.accept(stream).await {
-                    proxy.handle(stream, &abort).await;
+                    proxy.handle(stream, peer, &abort).await;
                 }
             })
             .await
@@ -246,6 +257,20 @@ pub async fn run(
     let balancer = Balancer::new(config.balance);
     // h2 mode's calls run on threads of their own (see `threads`); l4's copies stay on the
     // main runtime, whose work is mostly the kernel's.
+    let access_log = match &config.access_log {
+        None => None,
+        Some(target) => {
+            let format = match config.log_format {
+                config::LogFormat::Text => access_log::Format::Text,
+                config::LogFormat::Json => access_log::Format::Json,
+            };
+            let log = AccessLog::start(target, format).map_err(|e| Error::AccessLog {
+                target: target.to_string(),
+                source: e,
+            })?;
+            Some(Arc::new(log))
+        }
+    };
     let data_threads = match config.mode {
         Mode::H2 => Some(DataThreads::start(data_thread_count()).map_err(Error::Runtime)?),
         Mode::L4 => None,
@@ -254,29 +279,41 @@ pub async fn run(
     let conn_tls = tls.clone();
     let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match config.mode {
         Mode::L4 => {
-            let proxy = Arc::new(L4Proxy::new(
-                config.l4.clone(),
-                Arc::clone(&backends),
-                balancer,
-                TcpConnect,
-            ));
+            let proxy = Arc::new(
+                L4Proxy::new(
+                    config.l4.clone(),
+                    Arc::clone(&backends),
+                    balancer,
+                    TcpConnect,
+                )
+                .with_access_log(access_log.clone()),
+            );
             Box::pin(listener::serve(
                 listeners.proxy,
                 &config.listener,
                 &shutdown,
                 None,
-                move |stream, _peer| {
-                    l4_connection(Arc::clone(&proxy), stream, abort.clone(), conn_tls.clone())
+                move |stream, peer| {
+                    l4_connection(
+                        Arc::clone(&proxy),
+                        stream,
+                        peer,
+                        abort.clone(),
+                        conn_tls.clone(),
+                    )
                 },
             ))
         }
         Mode::H2 => {
-            let proxy = Arc::new(H2Proxy::new(
-                config.h2.clone(),
-                Arc::clone(&backends),
-                balancer,
-                data_threads.as_ref().map_or(1, DataThreads::len),
-            ));
+            let proxy = Arc::new(
+                H2Proxy::new(
+                    config.h2.clone(),
+                    Arc::clone(&backends),
+                    balancer,
+                    data_threads.as_ref().map_or(1, DataThreads::len),
+                )
+                .with_access_log(access_log.clone()),
+            );
             let stop = shutdown.stop_token().clone();
             Box::pin(listener::serve(
                 listeners.proxy,
@@ -375,7 +412,7 @@ mod tests {
             Balancer::new(Balance::LeastConn),
             TcpConnect,
         ));
-        let task = l4_connection(proxy, client, CancellationToken::new(), None);
+        let task = l4_connection(proxy, client, addr, CancellationToken::new(), None);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "an l4 connection's task is {size} bytes");
     }

@@ -476,3 +476,32 @@ in_both_modes!(
 fn max_connections_holds_the_excess_in_the_backlog_l4() {
     max_connections_holds_the_excess_in_the_backlog("l4");
 }
+
+/// l4's access log: one line per client connection, naming its backend and the bytes
+/// both ways. (h2's, one line per call, is tested in tests/h2.rs.)
+#[test]
+fn the_l4_access_log_has_one_line_per_connection() {
+    let workers = Worker::start_many(&["a"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("access.log");
+    let log = path.to_str().expect("a UTF-8 path");
+    // The proxy logs JSON (tests/support passes --log-format json): so does the access log.
+    let proxy = start_proxy("l4", &workers, &["--access-log", log]);
+    for _ in 0..3 {
+        unary_ok(&proxy.target());
+    }
+    let read = || support::json_lines(&path);
+    // A line is written when its connection ends: each client process closes its own.
+    eventually(Duration::from_secs(10), "3 access-log lines", || {
+        read().len() >= 3
+    });
+    let lines = read();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["kind"], "connection", "{line}");
+        assert_eq!(line["backend"], workers[0].addr(), "{line}");
+        assert_eq!(line["end"], "closed", "{line}");
+        assert!(line["to_backend"].as_u64() > Some(0), "{line}");
+        assert!(line["to_client"].as_u64() > Some(0), "{line}");
+    }
+}

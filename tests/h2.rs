@@ -203,3 +203,44 @@ fn a_rolling_restart_loses_no_call_of_a_steady_channel() {
     assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
     assert_eq!(spread_counts(&r).len(), 3, "{r}");
 }
+
+/// The access log: one JSON line per call, with the status its client saw, the method,
+/// the backend and the bytes both ways.
+#[test]
+fn the_access_log_has_one_line_per_call_with_its_status() {
+    let workers = Worker::start_many(&["a", "b"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("access.log");
+    let log = path.to_str().expect("a UTF-8 path");
+    // The proxy logs JSON (tests/support passes --log-format json): so does the access log.
+    let proxy = start(&workers, &["--access-log", log], &[]);
+    let r = client(&[
+        "one-channel",
+        "--target",
+        &proxy.target(),
+        "--calls",
+        "1000",
+    ]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    let r = client(&["unary", "--target", &proxy.target(), "--fail-code", "5"]);
+    assert_eq!(r["code"], "NOT_FOUND", "{r}");
+    let read = || support::json_lines(&path);
+    // Written by a thread of their own: wait until all 1,001 are there.
+    eventually(Duration::from_secs(10), "1,001 access-log lines", || {
+        read().len() >= 1001
+    });
+    let lines = read();
+    assert_eq!(lines.len(), 1001);
+    let backends: Vec<String> = workers.iter().map(Worker::addr).collect();
+    for line in &lines[..1000] {
+        assert_eq!(line["kind"], "call", "{line}");
+        assert_eq!(line["method"], "/portshare.test.Echo/Unary", "{line}");
+        assert_eq!(line["grpc_status"], 0, "{line}");
+        let backend = line["backend"].as_str().unwrap_or_default();
+        assert!(backends.iter().any(|b| b == backend), "{line}");
+        assert!(line["request_bytes"].as_u64() > Some(0), "{line}");
+        assert!(line["response_bytes"].as_u64() > Some(0), "{line}");
+        assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+    }
+    assert_eq!(lines[1000]["grpc_status"], 5, "{}", lines[1000]);
+}

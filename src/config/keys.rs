@@ -143,6 +143,12 @@ pub const KEYS: &[Key] = &[
         "Log lines as human-readable text or JSON objects.",
     ),
     key(
+        "access_log",
+        Some("--access-log off|stdout|stderr|PATH"),
+        Text("off"),
+        "One line per call (h2) or client connection (l4), in the log format; PATH is appended to. Never slows a call: lines that cannot be written in time are dropped and counted.",
+    ),
+    key(
         "ejection.base_time",
         None,
         Text("5s"),

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::access_log;
 use crate::backend::{BackendSpec, EjectionConfig};
 use crate::balance::Balance;
 use crate::cli::Opts;
@@ -86,6 +87,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Where the access log goes, if anywhere.
+    pub access_log: Option<access_log::Target>,
 }
 
 /// Assembles and validates the configuration from the file named in `opts`, the
@@ -128,6 +131,12 @@ impl Config {
             idle_timeout: human(self.l4.idle_timeout),
             queue_timeout: human(self.l4.queue_timeout),
             log_format: Some(Word(self.log_format)),
+            access_log: Some(match &self.access_log {
+                None => "off".to_owned(),
+                Some(access_log::Target::Stdout) => "stdout".to_owned(),
+                Some(access_log::Target::Stderr) => "stderr".to_owned(),
+                Some(access_log::Target::File(path)) => path.display().to_string(),
+            }),
             ejection: Some(RawEjection {
                 base_time: human(self.ejection.base_time),
                 max_time: human(self.ejection.max_time),

@@ -60,6 +60,8 @@ pub struct RawConfig {
     pub queue_timeout: Option<Human>,
     /// text or json.
     pub log_format: Option<Word<LogFormat>>,
+    /// off, stdout, stderr or a file path.
+    pub access_log: Option<String>,
     /// Passive ejection after failed connects.
     pub ejection: Option<RawEjection>,
     /// Active health checks.
@@ -245,6 +247,7 @@ fn layer(
         ("workers.max_lifetime", &opts.worker_max_lifetime),
         ("workers.max_memory", &opts.worker_max_memory),
         ("log_format", &opts.log_format),
+        ("access_log", &opts.access_log),
         ("health.check", &opts.health),
         ("tls.cert", &opts.tls_cert),
         ("tls.key", &opts.tls_key),

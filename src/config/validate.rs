@@ -15,6 +15,7 @@ use super::keys::default_of;
 use super::raw::{RawConfig, RawCount, RawH2, RawHealth, RawTls, RawWorkers};
 use super::value::{Check, Human, Mode, Percent, Size, Word};
 use super::{Config, ConfigError, err};
+use crate::access_log;
 use crate::backend::{BackendSpec, EjectionConfig, Thresholds};
 use crate::balance::Balance;
 use crate::h2::H2Config;
@@ -141,6 +142,18 @@ impl RawConfig {
         let connect_timeout = positive("connect_timeout", &self.connect_timeout)?;
         let idle_timeout = positive("idle_timeout", &self.idle_timeout)?;
         let Word(log_format) = given("log_format", &self.log_format)?;
+        let access_log = match given("access_log", &self.access_log)?.trim() {
+            "" => {
+                return Err(err(
+                    "access_log",
+                    "is empty (off, stdout, stderr or a file path)",
+                ));
+            }
+            "off" => None,
+            "stdout" => Some(access_log::Target::Stdout),
+            "stderr" => Some(access_log::Target::Stderr),
+            path => Some(access_log::Target::File(path.into())),
+        };
         let queue_timeout = duration("queue_timeout", &self.queue_timeout)?;
         let h2 = self.h2.clone().unwrap_or_default().validate(
             connect_timeout,
@@ -173,6 +186,7 @@ impl RawConfig {
             admin,
             drain_timeout: duration("drain_timeout", &self.drain_timeout)?,
             log_format,
+            access_log,
         })
     }
 }

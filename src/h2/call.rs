@@ -5,17 +5,19 @@
 //! a call's frames are moved where they arrive.
 
 use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use h2::client::ResponseFuture;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Request, Response, request};
-use metrics::{Gauge, counter};
+use metrics::counter;
 use tokio::time::Instant;
 
 use super::H2Proxy;
@@ -23,6 +25,7 @@ use super::grpc::{self, Code};
 use super::methods::Method;
 use super::pool::PoolError;
 use super::upload::Upload;
+use crate::access_log::{CallRecord, Record};
 use crate::backend::{ActiveGuard, Backend, Tried};
 use crate::connect::ConnectError;
 use crate::metrics as m;
@@ -91,27 +94,40 @@ enum Waited {
 
 impl H2Proxy {
     /// Serves one call until it ends (or its connection task drops it).
-    pub(super) async fn call(&self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
-        let started = Instant::now();
-        let method = self.methods.get(threads::current(), req.uri().path());
+    pub(super) async fn call(
+        &self,
+        req: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: SocketAddr,
+    ) {
+        let mut facts = Facts {
+            started: Instant::now(),
+            arrived: self.access_log.as_ref().map(|_| SystemTime::now()),
+            method: self.methods.get(threads::current(), req.uri().path()),
+            peer,
+            retried: false,
+            queued: false,
+        };
         let Some(_slot) = self.in_flight.try_acquire() else {
             counter!(m::CALLS_SHED).increment(1);
             self.reject(
                 &mut respond,
                 None,
-                method,
-                started,
+                &facts,
                 Code::ResourceExhausted,
                 "portshare: too many calls in flight",
+                0,
             );
             return;
         };
         let (head, body) = req.into_parts();
         let mut upload = Upload::new(body);
-        match self.place(&head, &mut upload, &mut respond, started).await {
+        match self
+            .place(&head, &mut upload, &mut respond, &mut facts)
+            .await
+        {
             Placed::Answered { response, guard } => {
-                self.relay(response, guard, upload, respond, method, started)
-                    .await;
+                self.relay(response, guard, upload, respond, facts).await;
             }
             Placed::Failed {
                 backend,
@@ -120,13 +136,14 @@ impl H2Proxy {
             } => self.reject(
                 &mut respond,
                 backend.as_deref(),
-                method,
-                started,
+                &facts,
                 code,
                 &message,
+                upload.received(),
             ),
             Placed::Cancelled { backend } => {
-                self.record(backend.as_deref(), method, Code::Cancelled, started);
+                let status = Code::Cancelled.as_u32();
+                self.finish(&facts, backend.as_deref(), status, upload.received(), 0);
             }
         }
     }
@@ -137,8 +154,9 @@ impl H2Proxy {
         head: &request::Parts,
         upload: &mut Upload,
         respond: &mut SendResponse<Bytes>,
-        started: Instant,
+        facts: &mut Facts<'_>,
     ) -> Placed {
+        let started = facts.started;
         let deadline = grpc::timeout(&head.headers).map(|t| started + t);
         let queue_until = started + self.config.queue_timeout;
         let wait_until = deadline.map_or(queue_until, |d| d.min(queue_until));
@@ -148,11 +166,16 @@ impl H2Proxy {
         let mut tried = Tried::new();
         let mut last = String::from("no backend is ready");
         for attempt in 0..self.config.attempts {
-            let guard = match self
-                .backends
-                .pick_or_wait(&self.balancer, &tried, cap, wait_until)
-                .await
-            {
+            let picked = match self.backends.pick(&self.balancer, &tried, cap) {
+                Some(guard) => Ok(guard),
+                None => {
+                    facts.queued = true;
+                    self.backends
+                        .pick_or_wait(&self.balancer, &tried, cap, wait_until)
+                        .await
+                }
+            };
+            let guard = match picked {
                 Ok(guard) => guard,
                 Err(unplaced) => {
                     let waited = format!("{:.1?}", unplaced.waited);
@@ -175,6 +198,7 @@ impl H2Proxy {
             };
             let backend = Arc::clone(guard.backend());
             if attempt > 0 {
+                facts.retried = true;
                 counter!(m::CALL_RETRIES).increment(1);
             }
             // Recorded as tried only when it failed: every way out of this loop's body that
@@ -274,8 +298,7 @@ impl H2Proxy {
         guard: ActiveGuard,
         mut upload: Upload,
         mut respond: SendResponse<Bytes>,
-        method: &Method,
-        started: Instant,
+        facts: Facts<'_>,
     ) {
         let (head, from) = response.into_parts();
         self.metrics.in_flight.increment(1.0);
@@ -287,10 +310,11 @@ impl H2Proxy {
             } else {
                 None
             },
-            in_flight: &self.metrics.in_flight,
-            method,
+            proxy: self,
+            facts,
             guard,
-            started,
+            request_bytes: upload.received(),
+            response_bytes: 0,
         };
         let end_stream = from.is_end_stream();
         let to = match respond.send_response(Response::from_parts(head, ()), end_stream) {
@@ -315,6 +339,7 @@ impl H2Proxy {
             download.poll(cx, &mut call)
         })
         .await;
+        call.request_bytes = upload.received();
     }
 
     /// Answers a call with a Trailers-Only status of the proxy's own.
@@ -322,28 +347,64 @@ impl H2Proxy {
         &self,
         respond: &mut SendResponse<Bytes>,
         backend: Option<&Backend>,
-        method: &Method,
-        started: Instant,
+        facts: &Facts<'_>,
         code: Code,
         message: &str,
+        request_bytes: u64,
     ) {
-        self.record(backend, method, code, started);
+        self.finish(facts, backend, code.as_u32(), request_bytes, 0);
         if let Err(e) = respond.send_response(grpc::trailers_only(code, message), true) {
             tracing::debug!(error = %e, "the client's stream took no answer");
         }
     }
 
-    /// Counts a call that ended before its backend answered.
-    fn record(&self, backend: Option<&Backend>, method: &Method, code: Code, started: Instant) {
+    /// Counts a call that ended, against `backend` when one was involved, and writes its
+    /// access-log line.
+    fn finish(
+        &self,
+        facts: &Facts<'_>,
+        backend: Option<&Backend>,
+        status: u32,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
         match backend {
-            Some(b) => b.count_call(code.as_u32()),
+            Some(b) => b.count_call(status),
             None => {
-                counter!(m::CALLS, "backend" => "none", "grpc_status" => code.as_u32().to_string())
+                counter!(m::CALLS, "backend" => "none", "grpc_status" => status.to_string())
                     .increment(1);
             }
         }
-        method.record(code.as_u32(), started.elapsed().as_secs_f64());
+        let duration = facts.started.elapsed();
+        facts.method.record(status, duration.as_secs_f64());
+        if let (Some(log), Some(at)) = (&self.access_log, facts.arrived) {
+            log.log(Record::Call(CallRecord {
+                at,
+                peer: facts.peer,
+                method: facts.method.name().to_owned(),
+                backend: backend.map(|b| b.name().to_owned()),
+                grpc_status: status,
+                duration,
+                request_bytes,
+                response_bytes,
+                retried: facts.retried,
+                queued: facts.queued,
+            }));
+        }
     }
+}
+
+/// What is known of a call for its metrics and its access-log line.
+struct Facts<'a> {
+    method: &'a Method,
+    started: Instant,
+    /// The wall-clock time it arrived, when there is an access log to write it in.
+    arrived: Option<SystemTime>,
+    peer: SocketAddr,
+    /// Sent again to another backend.
+    retried: bool,
+    /// Waited for a backend that could take it.
+    queued: bool,
 }
 
 /// The request head as sent to a backend: the client's, unchanged.
@@ -387,23 +448,29 @@ async fn by_deadline<F: Future>(deadline: Option<Instant>, f: F) -> Option<F::Ou
 
 /// A call the backend answered: counted against it, with its status, when it ends.
 struct Call<'a> {
+    proxy: &'a H2Proxy,
+    facts: Facts<'a>,
     /// Counts the call against its backend (p2c reads that).
     guard: ActiveGuard,
-    in_flight: &'a Gauge,
-    method: &'a Method,
-    started: Instant,
     /// The gRPC status, once seen; none when the call ended without one (the client went
     /// away, or the backend's stream ended bare).
     status: Option<u32>,
+    /// DATA bytes from the client and to it.
+    request_bytes: u64,
+    response_bytes: u64,
 }
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
-        self.in_flight.decrement(1.0);
+        self.proxy.metrics.in_flight.decrement(1.0);
         let status = self.status.unwrap_or(Code::Cancelled.as_u32());
-        self.guard.backend().count_call(status);
-        self.method
-            .record(status, self.started.elapsed().as_secs_f64());
+        self.proxy.finish(
+            &self.facts,
+            Some(self.guard.backend()),
+            status,
+            self.request_bytes,
+            self.response_bytes,
+        );
     }
 }
 
@@ -433,6 +500,7 @@ impl Download {
             match ready!(self.from.poll_data(cx)) {
                 Some(Ok(chunk)) => {
                     let _ = self.from.flow_control().release_capacity(chunk.len());
+                    call.response_bytes += chunk.len() as u64;
                     let end_stream = self.from.is_end_stream();
                     if self.to.send_data(chunk, end_stream).is_err() {
                         return self.client_gone(call);

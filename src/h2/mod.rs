@@ -24,6 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::AccessLog;
 use crate::backend::BackendSet;
 use crate::balance::Balancer;
 use crate::connect::TcpConnect;
@@ -80,6 +81,8 @@ pub struct H2Proxy {
     metrics: CallMetrics,
     /// Per-method metric handles.
     methods: Methods,
+    /// Where each call's line goes, if anywhere.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// What the first bytes of a connection say.
@@ -166,12 +169,19 @@ impl H2Proxy {
                 in_flight: gauge!(m::CALLS_IN_FLIGHT),
             },
             methods: Methods::new(threads, METHOD_LIMIT),
+            access_log: None,
             in_flight: InFlight::new(config.max_calls),
             config,
             backends,
             balancer,
             pools,
         }
+    }
+
+    /// Writes a line for every call to `log`.
+    pub fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Self {
+        self.access_log = log;
+        self
     }
 
     /// The backend connections of the data-path thread this runs on.
@@ -279,7 +289,7 @@ impl H2Proxy {
                 }
                 Some(()) = calls.next(), if !calls.is_empty() => {}
                 accepted = conn.accept() => match accepted {
-                    Some(Ok((req, respond))) => calls.push(proxy.call(req, respond)),
+                    Some(Ok((req, respond))) => calls.push(proxy.call(req, respond, peer)),
                     Some(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "client connection ended with an error");
                         break;

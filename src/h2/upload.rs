@@ -29,6 +29,8 @@ pub struct Upload {
     size: usize,
     /// Set once something the client sent was not kept: a replay would be incomplete.
     overflowed: bool,
+    /// DATA bytes the client sent so far.
+    received: u64,
     /// Set once the client's side has ended: it is not read again (an ended HTTP/2 stream
     /// is not guaranteed to keep answering "ended").
     ended: bool,
@@ -40,6 +42,7 @@ impl Upload {
         Self {
             ended: from.is_end_stream(),
             from,
+            received: 0,
             to: None,
             recorded: Vec::new(),
             trailers: None,
@@ -52,6 +55,11 @@ impl Upload {
     /// with END_STREAM.
     pub fn head_only(&self) -> bool {
         self.ended && self.recorded.is_empty() && self.trailers.is_none() && !self.overflowed
+    }
+
+    /// DATA bytes the client sent so far.
+    pub fn received(&self) -> u64 {
+        self.received
     }
 
     /// Whether everything a backend may have received is recorded, so it can be sent again.
@@ -113,6 +121,7 @@ impl Upload {
             match ready!(self.from.poll_data(cx)) {
                 Some(Ok(chunk)) => {
                     let _ = self.from.flow_control().release_capacity(chunk.len());
+                    self.received += chunk.len() as u64;
                     self.ended = self.from.is_end_stream();
                     let sent = to.send_data(chunk.clone(), self.ended);
                     self.record(chunk);

@@ -591,3 +591,13 @@ pub fn run_portshare(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Strin
     let (status, out, err) = collect(child, Duration::from_secs(30));
     (status.and_then(|s| s.code()), out, err)
 }
+
+/// A file's lines, each parsed as JSON (a test fails on one that is not); none while the
+/// file does not exist yet.
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
