@@ -18,12 +18,13 @@ use http::{Request, Response, request};
 use metrics::{counter, histogram};
 use tokio::time::Instant;
 
-use super::grpc::{self, Code};
 use super::pool::PoolError;
+use super::reset;
 use super::upload::Upload;
 use super::{CallMetrics, H2Proxy};
 use crate::backend::{ActiveGuard, Backend, Tried};
 use crate::connect::ConnectError;
+use crate::grpc::{self, Code};
 use crate::metrics as m;
 
 /// Calls in flight across the proxy, against `[h2] max_calls`: one atomic, no queue (the
@@ -127,7 +128,7 @@ impl H2Proxy {
         respond: &mut SendResponse<Bytes>,
         started: Instant,
     ) -> Placed {
-        let deadline = grpc::timeout(&head.headers).map(|t| started + t);
+        let deadline = grpc::timeout_in(&head.headers).map(|t| started + t);
         let queue_until = started + self.config.queue_timeout;
         let wait_until = deadline.map_or(queue_until, |d| d.min(queue_until));
         let cap = self.config.max_calls_per_backend;
@@ -218,7 +219,7 @@ impl H2Proxy {
                 }
                 Some(Waited::Head(Ok(response))) => return Placed::Answered { response, guard },
                 Some(Waited::Head(Err(e)))
-                    if !replayed && grpc::never_processed(&e) && upload.can_replay() =>
+                    if !replayed && reset::never_processed(&e) && upload.can_replay() =>
                 {
                     // Refused unprocessed (REFUSED_STREAM, or beyond a GOAWAY's last
                     // stream), and all it was sent is recorded: once more, elsewhere. Only a
@@ -233,7 +234,7 @@ impl H2Proxy {
                 Some(Waited::Head(Err(e))) => {
                     tracing::debug!(backend = backend.name(), error = %e, detail = ?e, "backend failed the call");
                     return Placed::Failed {
-                        code: grpc::code_for(&e),
+                        code: reset::code_for(&e),
                         message: format!(
                             "portshare: backend {} failed the call: {e}",
                             backend.name()
@@ -449,7 +450,7 @@ impl Download {
     /// The backend failed mid-call (reset, or its connection died): the call ends with the
     /// matching gRPC status rather than a bare reset.
     fn backend_failed(&mut self, e: &h2::Error, call: &mut Call<'_>) -> Poll<()> {
-        let code = grpc::code_for(e);
+        let code = reset::code_for(e);
         call.status = Some(code.as_u32());
         let backend = call.guard.backend().name();
         tracing::debug!(backend, error = %e, "backend failed mid-call");

@@ -7,8 +7,8 @@
 //! stream before sending anything).
 
 mod call;
-pub mod grpc;
 pub mod pool;
+mod reset;
 mod upload;
 
 use std::net::SocketAddr;

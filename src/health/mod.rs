@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, BackendSet, CheckResult, Health, Thresholds};
+use crate::grpc::health::ServingStatus;
 use crate::metrics as m;
 
 /// While a worker boots, it is checked this often, so it joins the rotation promptly; a
@@ -84,8 +85,8 @@ impl Probe {
                 }
             }
             Probe::Grpc(probe) => match probe.check(timeout).await {
-                Ok(grpc::ServingStatus::Serving) => CheckResult::Pass,
-                Ok(grpc::ServingStatus::NotServing) => CheckResult::NotServing,
+                Ok(ServingStatus::Serving) => CheckResult::Pass,
+                Ok(ServingStatus::NotServing) => CheckResult::NotServing,
                 Ok(other) => CheckResult::Fail(format!("health status {other}")),
                 Err(e) => CheckResult::Fail(e.to_string()),
             },
