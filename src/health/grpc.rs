@@ -342,21 +342,17 @@ fn status_error(code: u32, headers: &HeaderMap) -> Option<ProbeError> {
 mod tests {
     use super::*;
 
-    use std::convert::Infallible;
-    use std::future::Future;
     use std::net::{Ipv6Addr, SocketAddrV6};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body_util::Empty;
-    use http_body_util::combinators::BoxBody;
-    use hyper::service::service_fn;
     use tokio::net::TcpListener;
     use tokio::sync::watch;
-    use tokio::task::JoinHandle;
 
     use crate::grpc::frame;
     use crate::grpc::health::decode_varint;
+    use crate::health::test_server::{TestBody, TestServer, grpc_ok, trailers_only};
 
     fn assert_malformed(result: Result<ServingStatus, ProbeError>) {
         assert!(
@@ -415,128 +411,9 @@ mod tests {
 
     // ---- end to end, against an in-process hyper HTTP/2 server ----
 
-    type TestBody = BoxBody<Bytes, Infallible>;
-
     const SERVING: &[u8] = &[0x08, 0x01];
     const NOT_SERVING: &[u8] = &[0x08, 0x02];
     const TIMEOUT: Duration = Duration::from_secs(5);
-
-    /// An HTTP/2 server on 127.0.0.1:0 answering every request with a handler.
-    struct TestServer {
-        addr: SocketAddr,
-        /// Connections accepted so far.
-        accepts: Arc<AtomicUsize>,
-        /// Connections that ended so far.
-        closed: Arc<AtomicUsize>,
-        /// Bumping it drops every open connection without a GOAWAY.
-        kill: watch::Sender<u64>,
-        accept_task: JoinHandle<()>,
-    }
-
-    impl Drop for TestServer {
-        fn drop(&mut self) {
-            self.accept_task.abort();
-        }
-    }
-
-    impl TestServer {
-        async fn start<F, Fut>(handler: F) -> Self
-        where
-            F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-            Fut: Future<Output = Response<TestBody>> + Send + 'static,
-        {
-            Self::start_with(watch::channel(0).0, handler).await
-        }
-
-        /// Like `start`, with the kill switch made by the caller so a handler can use it.
-        async fn start_with<F, Fut>(kill: watch::Sender<u64>, handler: F) -> Self
-        where
-            F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-            Fut: Future<Output = Response<TestBody>> + Send + 'static,
-        {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let accepts = Arc::new(AtomicUsize::new(0));
-            let closed = Arc::new(AtomicUsize::new(0));
-            let accept_task = tokio::spawn({
-                let (accepts, closed, kill) = (accepts.clone(), closed.clone(), kill.clone());
-                async move {
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            return;
-                        };
-                        accepts.fetch_add(1, Ordering::SeqCst);
-                        let handler = handler.clone();
-                        let closed = closed.clone();
-                        let mut killed = kill.subscribe();
-                        let generation = *killed.borrow();
-                        tokio::spawn(async move {
-                            let service = service_fn(move |req| {
-                                let answer = handler(req);
-                                async move { Ok::<_, Infallible>(answer.await) }
-                            });
-                            let conn =
-                                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                                    .serve_connection(TokioIo::new(stream), service);
-                            tokio::select! {
-                                _ = conn => {}
-                                _ = killed.wait_for(|g| *g != generation) => {}
-                            }
-                            closed.fetch_add(1, Ordering::SeqCst);
-                        });
-                    }
-                }
-            });
-            Self {
-                addr,
-                accepts,
-                closed,
-                kill,
-                accept_task,
-            }
-        }
-
-        fn accepts(&self) -> usize {
-            self.accepts.load(Ordering::SeqCst)
-        }
-
-        fn kill_connections(&self) {
-            self.kill.send_modify(|g| *g += 1);
-        }
-
-        async fn wait_closed(&self, n: usize) {
-            tokio::time::timeout(Duration::from_secs(5), async {
-                while self.closed.load(Ordering::SeqCst) < n {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await
-            .expect("server connection did not close");
-        }
-    }
-
-    /// A normal unary answer: headers, one message, trailers with grpc-status 0.
-    fn grpc_ok(msg: &[u8]) -> Response<TestBody> {
-        let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        let body = Full::new(frame::encode(msg).unwrap())
-            .with_trailers(std::future::ready(Some(Ok(trailers))))
-            .boxed();
-        Response::builder()
-            .header(CONTENT_TYPE, "application/grpc")
-            .body(body)
-            .unwrap()
-    }
-
-    /// A Trailers-Only answer: the status in the one HEADERS frame, no body.
-    fn trailers_only(code: u32, message: &str) -> Response<TestBody> {
-        Response::builder()
-            .header(CONTENT_TYPE, "application/grpc")
-            .header("grpc-status", code.to_string())
-            .header("grpc-message", message)
-            .body(Empty::new().boxed())
-            .unwrap()
-    }
 
     #[tokio::test]
     async fn e2e_serving() {

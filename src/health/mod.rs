@@ -2,8 +2,14 @@
 //! on an interval, with consecutive thresholds before a backend flips between ready and not
 //! ready (each flip logged once). Spawned workers start as `starting` and take no traffic
 //! until a check passes.
+//!
+//! This file runs the checks and reports them; [`grpc`] is the `grpc.health.v1` probe (the
+//! call on its kept connection; the messages' codec is [`crate::grpc::health`]), and
+//! `test_server` the in-process HTTP/2 server its tests answer from.
 
 pub mod grpc;
+#[cfg(test)]
+mod test_server;
 
 use std::collections::HashSet;
 use std::fmt;
