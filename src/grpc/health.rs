@@ -2,7 +2,7 @@
 //! `HealthCheckRequest { string service = 1; }` and
 //! `HealthCheckResponse { ServingStatus status = 1; }`. They are small enough that
 //! portshare needs no protobuf crate for them; the probe that sends them is
-//! `health::grpc`.
+//! [`crate::health::grpc`].
 
 use std::fmt;
 

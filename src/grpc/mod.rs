@@ -3,7 +3,8 @@
 //! response the proxy answers with itself, and the HTTP-to-gRPC status mapping.
 //!
 //! # Layout
-//! - this file: [`Code`], `grpc-status`, Trailers-Only and status trailers.
+//! - this file: [`Code`] and the codes' names, `grpc-status`, Trailers-Only and status
+//!   trailers, and [`WireError`], what the codecs below report.
 //! - [`message`]: `grpc-message`, percent-encoded both ways.
 //! - [`timeout`]: `grpc-timeout`, read and written.
 //! - [`frame`]: the 5-byte prefix in front of every message.
