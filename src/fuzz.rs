@@ -13,9 +13,9 @@ use hyper::header::{HeaderMap, HeaderValue};
 
 use crate::cli::Cli;
 use crate::config::{self, ConfigError};
+use crate::grpc::health::{self, ServingStatus};
+use crate::grpc::{self, GRPC_TIMEOUT};
 use crate::h2::{self, Opening, PREFACE, SNIFF_LEN};
-use crate::health::grpc as health;
-use crate::health::grpc::ServingStatus;
 
 /// Resolves `localhost` only, so that fuzzing never waits on DNS.
 fn offline_lookup(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
@@ -125,21 +125,17 @@ pub fn health_response(data: &[u8]) {
         assert!(health::decode_response_frame(&frame).is_err());
     }
 
-    if let Ok(value) = HeaderValue::from_bytes(data) {
-        let mut headers = HeaderMap::new();
-        headers.insert("grpc-status", value);
-        if let Ok(Some(code)) = health::grpc_status(&headers) {
-            assert!(!data.is_empty() && data.iter().all(u8::is_ascii_digit));
-            let digits = std::str::from_utf8(data).unwrap_or_default();
-            assert_eq!(digits.trim_start_matches('0').parse().unwrap_or(0u32), code);
-        }
+    if let Ok(code) = grpc::parse_status(data) {
+        assert!(!data.is_empty() && data.iter().all(u8::is_ascii_digit));
+        let digits = std::str::from_utf8(data).unwrap_or_default();
+        assert_eq!(digits.trim_start_matches('0').parse().unwrap_or(0u32), code);
     }
 
-    let _ = health::percent_decode(data);
+    let _ = grpc::decode_message(data);
     let text = String::from_utf8_lossy(data);
-    let encoded = h2::grpc::percent_encode(&text);
+    let encoded = grpc::encode_message(&text);
     assert!(HeaderValue::from_str(&encoded).is_ok(), "{encoded:?}");
-    assert_eq!(health::percent_decode(encoded.as_bytes()), text);
+    assert_eq!(grpc::decode_message(encoded.as_bytes()), text);
 
     if let Ok(frame) = health::encode_request_frame(&text) {
         let len = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
@@ -173,13 +169,13 @@ fn reference_timeout(text: &[u8]) -> Option<u128> {
 ///
 /// Promises: the proxy reads exactly what the gRPC spec allows, to the nanosecond; what the
 /// health check writes is valid, never shorter than the time left, and rounds up by at most
-/// one unit of its last digit.
+/// one unit of its last digit (exact when it does not round).
 pub fn grpc_timeout(data: &[u8]) {
     if let Ok(value) = HeaderValue::from_bytes(data) {
         let mut headers = HeaderMap::new();
-        headers.insert("grpc-timeout", value);
+        headers.insert(GRPC_TIMEOUT, value);
         assert_eq!(
-            h2::grpc::timeout(&headers).map(|d| d.as_nanos()),
+            grpc::timeout_in(&headers).map(|d| d.as_nanos()),
             reference_timeout(data),
             "{:?}",
             String::from_utf8_lossy(data)
@@ -194,13 +190,14 @@ pub fn grpc_timeout(data: &[u8]) {
         .map_or(0, |n| u32::from_le_bytes(*n) % 1_000_000_000);
     // Up to about 30 years, which the format can say; beyond that it says its maximum.
     let left = Duration::new(u64::from_le_bytes(*secs) % (1 << 30), nanos);
-    let text = health::format_grpc_timeout(left);
-    let mut headers = HeaderMap::new();
-    let value = HeaderValue::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
-    headers.insert("grpc-timeout", value);
-    let read = h2::grpc::timeout(&headers).unwrap_or_else(|| panic!("{text:?} does not parse"));
+    let text = grpc::format_timeout(left);
+    assert!(HeaderValue::from_str(&text).is_ok(), "{text:?}");
+    let read =
+        grpc::parse_timeout(text.as_bytes()).unwrap_or_else(|| panic!("{text:?} does not parse"));
     assert!(read >= left, "{text:?} is shorter than {left:?}");
     let unit = match text.as_bytes().last() {
+        Some(b'n') => Duration::from_nanos(1),
+        Some(b'u') => Duration::from_micros(1),
         Some(b'm') => Duration::from_millis(1),
         Some(b'S') => Duration::from_secs(1),
         Some(b'M') => Duration::from_secs(60),

@@ -19,6 +19,9 @@
 //!   a local shortage, the outcome reported to the backend set.
 //! - [`l4`]: pick → connect (timeout, retry elsewhere) → copy both ways.
 //! - [`h2`]: HTTP/2 terminated; per call: pick → pooled backend connection → stream through.
+//! - [`grpc`]: the gRPC wire format both modes' gRPC code speaks: status codes, the
+//!   `grpc-status`, `grpc-message` and `grpc-timeout` headers, message framing,
+//!   Trailers-Only answers, the `grpc.health.v1` messages.
 //! - [`health`]: active checks (TCP, `grpc.health.v1`) of every backend, following the set's
 //!   membership, reporting to each backend's state.
 //! - [`supervisor`]: spawned workers: port plan, start, restart, surge replacement, drain and
@@ -28,7 +31,8 @@
 //! - [`access_log`]: one line per call (h2) or connection (l4), written off the data path.
 //! - [`admin`]: `/healthz`, `/readyz`, `/backends`, `/metrics`.
 //! - [`status`]: `portshare status`, a table from a running instance's `/backends`.
-//! - `fuzz`: the entry points of the fuzz targets in `fuzz/` (hidden from the docs).
+//! - `fuzz`: the entry points of the fuzz targets in `fuzz/`, built only for tests and
+//!   for `cargo fuzz` (`--cfg fuzzing`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -41,8 +45,10 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod control;
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzz;
+pub mod grpc;
 pub mod h2;
 pub mod health;
 pub mod l4;

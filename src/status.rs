@@ -1,12 +1,20 @@
 //! Asking a running instance over its admin endpoint: `portshare status` (the backends of
 //! `/backends` as a table) and `portshare probe` (is `/readyz` 200?, for container health
-//! checks that must not need curl).
+//! checks that must not need curl). The requests go through hyper's HTTP/1.1 client, so an
+//! answer in any framing HTTP allows (chunked included) reads whole.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper::header::{HOST, HeaderValue};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio::net::TcpStream;
 
 /// A status query should answer at once; a hung instance is itself the answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,6 +35,14 @@ pub enum StatusError {
         /// Why it failed.
         #[source]
         source: io::Error,
+    },
+    /// The connection opened, but the HTTP exchange on it failed or took too long.
+    #[error("no answer from the admin endpoint at {addr}: {what}")]
+    Http {
+        /// Where we asked.
+        addr: SocketAddr,
+        /// What went wrong.
+        what: String,
     },
     /// It answered, but not as hoped.
     #[error("unexpected answer from {addr}: {what}")]
@@ -66,48 +82,76 @@ fn mib(bytes: u64) -> String {
     format!("{:.1}Mi", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// GET `path` from the admin endpoint at `addr`: (status code, body).
-fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
-    request(addr, "GET", path, TIMEOUT)
+/// GET `path` from the admin endpoint at `addr`, answered within `wait`: (status code,
+/// body). Needs no runtime of its own and may be called from inside one.
+pub fn get(addr: SocketAddr, path: &str, wait: Duration) -> Result<(u16, String), StatusError> {
+    request(addr, Method::GET, path, wait)
 }
 
-/// One HTTP/1.1 request without a body to the admin endpoint, answered within `wait`:
-/// (status code, body).
+/// One request without a body to the admin endpoint, answered within `wait`: (status
+/// code, body). It runs on a thread of its own with a one-thread runtime: the command line
+/// has no runtime, and the integration tests call it from inside theirs.
 fn request(
     addr: SocketAddr,
-    method: &str,
+    method: Method,
+    path: &str,
+    wait: Duration,
+) -> Result<(u16, String), StatusError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| StatusError::Io { addr, source })?
+                .block_on(exchange(addr, method, path, wait))
+        })
+        .join()
+    })
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Connects (within [`TIMEOUT`]), sends the request and reads the whole answer (within
+/// `wait`).
+async fn exchange(
+    addr: SocketAddr,
+    method: Method,
     path: &str,
     wait: Duration,
 ) -> Result<(u16, String), StatusError> {
     let io_err = |source| StatusError::Io { addr, source };
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(io_err)?;
-    stream.set_read_timeout(Some(wait)).map_err(io_err)?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: portshare\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(io_err)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io_err)?;
-    let text = String::from_utf8_lossy(&raw);
-    let answer = |what: &str| StatusError::Answer {
+    let http_err = |what: String| StatusError::Http { addr, what };
+    let stream = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io_err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
+        .map_err(io_err)?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| http_err(e.to_string()))?;
+    // Drives the connection; it ends with the runtime, once the answer is in.
+    tokio::spawn(connection);
+    let mut req = Request::new(Empty::<Bytes>::new());
+    *req.method_mut() = method;
+    *req.uri_mut() = path.parse().map_err(|e| StatusError::Answer {
         addr,
-        what: what.to_owned(),
+        what: format!("path {path:?}: {e}"),
+    })?;
+    req.headers_mut()
+        .insert(HOST, HeaderValue::from_static("portshare"));
+    let answer = async {
+        let response = sender.send_request(req).await?;
+        let code = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((code, String::from_utf8_lossy(&body).into_owned()))
     };
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| answer("no HTTP response"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| answer("no HTTP status"))?;
-    Ok((code, body.to_owned()))
+    tokio::time::timeout(wait, answer)
+        .await
+        .map_err(|_| http_err(format!("no answer within {wait:?}")))?
+        .map_err(|e| http_err(e.to_string()))
 }
 
 /// Fetches `/backends` from `addr` and renders the table.
 pub fn fetch(addr: SocketAddr) -> Result<String, StatusError> {
-    let (code, body) = get(addr, "/backends")?;
+    let (code, body) = get(addr, "/backends", TIMEOUT)?;
     if code != 200 {
         return Err(StatusError::Answer {
             addr,
@@ -124,7 +168,7 @@ pub fn fetch(addr: SocketAddr) -> Result<String, StatusError> {
 /// Asks `path` (e.g. `/readyz`) and returns its answer when it is 200, or an error saying
 /// what it was instead.
 pub fn probe(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
-    let (code, body) = get(addr, path)?;
+    let (code, body) = get(addr, path, TIMEOUT)?;
     if code == 200 {
         Ok(body)
     } else {
@@ -138,7 +182,7 @@ pub fn probe(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
 /// Asks for a rolling restart of the spawned workers (what SIGHUP does) and waits until it
 /// is over: `Err` when a replacement failed.
 pub fn restart(addr: SocketAddr) -> Result<String, StatusError> {
-    match request(addr, "POST", "/workers/restart", RESTART_WAIT)? {
+    match request(addr, Method::POST, "/workers/restart", RESTART_WAIT)? {
         (200, body) => Ok(body),
         (code, body) => Err(StatusError::Answer {
             addr,
@@ -242,5 +286,64 @@ mod tests {
         let state_col = lines[0].find("STATE").expect("STATE column");
         assert_eq!(lines[1].find("healthy"), Some(state_col));
         assert_eq!(lines[2].find("unhealthy"), Some(state_col));
+    }
+
+    /// An admin endpoint stand-in that answers one request with `response`, written as is.
+    fn answer_once(response: &'static str) -> SocketAddr {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut byte = [0u8];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let _ = stream.write_all(response.as_bytes());
+        });
+        addr
+    }
+
+    #[test]
+    fn a_chunked_answer_is_read_whole() {
+        let addr = answer_once(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+             4\r\n[{\"a\r\n3\r\n\": \r\n4\r\n1}]\n\r\n0\r\n\r\n",
+        );
+        let (code, body) = get(addr, "/backends", TIMEOUT).expect("an answer");
+        assert_eq!((code, body.as_str()), (200, "[{\"a\": 1}]\n"));
+    }
+
+    #[test]
+    fn a_non_200_answer_is_an_error_naming_the_status() {
+        let addr =
+            answer_once("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\ndraining\n");
+        let e = probe(addr, "/readyz").expect_err("not ready");
+        assert!(
+            e.to_string().ends_with("/readyz: HTTP 503: draining"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_silent_endpoint_is_an_error_within_the_wait() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let wait = Duration::from_millis(200);
+        let e = get(addr, "/backends", wait).expect_err("no answer");
+        assert!(matches!(e, StatusError::Http { .. }), "{e}");
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn it_can_be_asked_from_inside_a_runtime() {
+        let addr = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        assert_eq!(
+            get(addr, "/readyz", TIMEOUT).expect("an answer"),
+            (200, "ok".into())
+        );
     }
 }

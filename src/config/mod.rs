@@ -34,6 +34,7 @@ use crate::tls::TlsConfig;
 
 use addr::resolve_one;
 pub(crate) use addr::system_lookup;
+#[cfg(any(test, fuzzing))]
 pub(crate) use raw::raw_from_toml;
 pub use raw::{RawConfig, raw};
 use raw::{RawCount, RawEjection, RawH2, RawHealth, RawTls, RawWorkers};

@@ -202,7 +202,9 @@ pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, Conf
     layer(builder, opts, env)
 }
 
-/// [`raw`] with the file's TOML given as text instead of a `--config` path.
+/// [`raw`] with the file's TOML given as text instead of a `--config` path (for the fuzz
+/// entry points).
+#[cfg(any(test, fuzzing))]
 pub(crate) fn raw_from_toml(
     toml: &str,
     opts: &Opts,

@@ -21,13 +21,14 @@ use metrics::counter;
 use tokio::time::Instant;
 
 use super::H2Proxy;
-use super::grpc::{self, Code};
 use super::methods::Method;
 use super::pool::PoolError;
+use super::reset;
 use super::upload::Upload;
 use crate::access_log::{CallRecord, Record};
 use crate::backend::{ActiveGuard, Backend, Tried};
 use crate::connect::ConnectError;
+use crate::grpc::{self, Code};
 use crate::metrics as m;
 use crate::threads;
 
@@ -157,7 +158,7 @@ impl H2Proxy {
         facts: &mut Facts<'_>,
     ) -> Placed {
         let started = facts.started;
-        let deadline = grpc::timeout(&head.headers).map(|t| started + t);
+        let deadline = grpc::timeout_in(&head.headers).map(|t| started + t);
         let queue_until = started + self.config.queue_timeout;
         let wait_until = deadline.map_or(queue_until, |d| d.min(queue_until));
         let cap = self.config.max_calls_per_backend;
@@ -257,7 +258,7 @@ impl H2Proxy {
                 }
                 Some(Waited::Head(Ok(response))) => return Placed::Answered { response, guard },
                 Some(Waited::Head(Err(e)))
-                    if !replayed && grpc::never_processed(&e) && upload.can_replay() =>
+                    if !replayed && reset::never_processed(&e) && upload.can_replay() =>
                 {
                     // Refused unprocessed (REFUSED_STREAM, or beyond a GOAWAY's last
                     // stream), and all it was sent is recorded: once more, elsewhere. Only a
@@ -273,7 +274,7 @@ impl H2Proxy {
                 Some(Waited::Head(Err(e))) => {
                     tracing::debug!(backend = backend.name(), error = %e, detail = ?e, "backend failed the call");
                     return Placed::Failed {
-                        code: grpc::code_for(&e),
+                        code: reset::code_for(&e),
                         message: format!(
                             "portshare: backend {} failed the call: {e}",
                             backend.name()
@@ -536,7 +537,7 @@ impl Download {
     /// The backend failed mid-call (reset, or its connection died): the call ends with the
     /// matching gRPC status rather than a bare reset.
     fn backend_failed(&mut self, e: &h2::Error, call: &mut Call<'_>) -> Poll<()> {
-        let code = grpc::code_for(e);
+        let code = reset::code_for(e);
         call.status = Some(code.as_u32());
         let backend = call.guard.backend().name();
         tracing::debug!(backend, error = %e, "backend failed mid-call");

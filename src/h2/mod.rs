@@ -7,9 +7,9 @@
 //! stream before sending anything).
 
 mod call;
-pub mod grpc;
 pub mod methods;
 pub mod pool;
+mod reset;
 mod upload;
 
 use std::net::SocketAddr;

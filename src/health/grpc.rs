@@ -1,18 +1,14 @@
 //! The `grpc.health.v1.Health/Check` probe: a minimal gRPC client built directly on
 //! hyper's HTTP/2 client, so portshare needs neither tonic nor a protobuf crate for the
-//! one tiny call it makes.
+//! one tiny call it makes. This file holds the call (connection, request, reading the
+//! answer); the wire format itself, the messages' codec included, is [`crate::grpc`]'s.
 //!
-//! # Wire format
+//! # The call
 //! A unary gRPC call is an HTTP/2 `POST` to `/<package>.<Service>/<Method>` with
-//! `content-type: application/grpc` and `te: trailers`. Each message, request or response,
-//! is framed by a 5-byte prefix (a compression flag, then the length as a big-endian `u32`)
-//! and encoded as protobuf. The outcome travels in the `grpc-status` / `grpc-message`
-//! trailers, or in the response headers when the server answers without a body (a
-//! "Trailers-Only" response, which is how grpcio reports `UNIMPLEMENTED` or `NOT_FOUND`).
-//!
-//! The two messages involved are small enough to encode and decode by hand:
-//! `HealthCheckRequest { string service = 1; }` and
-//! `HealthCheckResponse { ServingStatus status = 1; }`.
+//! `content-type: application/grpc` and `te: trailers`, its message behind a 5-byte
+//! prefix. The outcome travels in the `grpc-status` / `grpc-message` trailers, or in the
+//! response headers when the server answers without a body (a "Trailers-Only" response,
+//! which is how grpcio reports `UNIMPLEMENTED` or `NOT_FOUND`).
 //!
 //! # Connections
 //! Each [`GrpcProbe`] keeps one plain-text HTTP/2 connection (prior knowledge, no TLS, no
@@ -25,12 +21,11 @@
 //! A spawned task drives each connection; it ends when the probe (and with it the
 //! connection's only `SendRequest`) is dropped or replaced, or when the connection fails.
 
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
@@ -40,6 +35,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::grpc::health::{ServingStatus, decode_response_frame, encode_request_frame};
+use crate::grpc::{
+    self, CONTENT_TYPE_GRPC, Code, GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT, WireError,
+};
+
 /// The method path of the standard health check.
 const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 
@@ -47,78 +47,6 @@ const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 /// anything this big is not a health check answer, and capping it keeps a confused or
 /// hostile backend from making the prober buffer without bound.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-
-/// The media type every gRPC request and response carries (possibly with a `+proto`-style
-/// suffix on responses).
-const GRPC_CONTENT_TYPE: &str = "application/grpc";
-
-/// Length of the gRPC message prefix: one flag byte and a big-endian `u32` length.
-const FRAME_HEADER_LEN: usize = 5;
-
-/// The gRPC status codes this module names in messages; the full list is in the gRPC
-/// spec's `statuscodes.md`.
-const STATUS_NAMES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
-/// `grpc.health.v1.HealthCheckResponse.ServingStatus`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ServingStatus {
-    /// `UNKNOWN` (0): the server does not know; also any value this client does not know,
-    /// and a response that leaves the field out (proto3 omits a zero field).
-    Unknown,
-    /// `SERVING` (1).
-    Serving,
-    /// `NOT_SERVING` (2).
-    NotServing,
-    /// `SERVICE_UNKNOWN` (3): only sent by the streaming `Watch`, mapped for completeness.
-    ServiceUnknown,
-}
-
-impl ServingStatus {
-    /// Maps the enum's wire value. proto3 enums are open, so numbers added to the enum
-    /// after this was written read as [`ServingStatus::Unknown`] instead of failing.
-    pub fn from_wire(value: i32) -> Self {
-        match value {
-            1 => Self::Serving,
-            2 => Self::NotServing,
-            3 => Self::ServiceUnknown,
-            _ => Self::Unknown,
-        }
-    }
-
-    /// The name the `.proto` file gives the value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unknown => "UNKNOWN",
-            Self::Serving => "SERVING",
-            Self::NotServing => "NOT_SERVING",
-            Self::ServiceUnknown => "SERVICE_UNKNOWN",
-        }
-    }
-}
-
-impl fmt::Display for ServingStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Why a check gave no [`ServingStatus`].
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +64,7 @@ pub enum ProbeError {
     /// worker has no health service, or 5 `NOT_FOUND` for a service it does not know. A
     /// non-200 HTTP status is reported here too, translated to a gRPC code the way the
     /// gRPC spec's `http-grpc-status-mapping.md` says (404 becomes `UNIMPLEMENTED`, …).
-    #[error("grpc-status {code} ({}){}", status_name(*.code), message_suffix(.message))]
+    #[error("grpc-status {code} ({}){}", grpc::code_name(*.code), message_suffix(.message))]
     Status {
         /// The gRPC status code.
         code: u32,
@@ -153,13 +81,13 @@ pub enum ProbeError {
     Request(String),
 }
 
-/// The gRPC name of a status code, for error messages.
-fn status_name(code: u32) -> &'static str {
-    usize::try_from(code)
-        .ok()
-        .and_then(|i| STATUS_NAMES.get(i))
-        .copied()
-        .unwrap_or("unknown code")
+impl From<WireError> for ProbeError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::TooLarge(_) => Self::Request(e.to_string()),
+            WireError::Malformed(what) => Self::Malformed(what),
+        }
+    }
 }
 
 /// `": message"`, or nothing for the empty message grpcio sends with `NOT_FOUND`.
@@ -309,45 +237,23 @@ fn build_request(
     body: Bytes,
     remaining: Duration,
 ) -> Result<Request<Full<Bytes>>, ProbeError> {
-    let grpc_timeout = HeaderValue::try_from(format_grpc_timeout(remaining))
+    let grpc_timeout = HeaderValue::try_from(grpc::format_timeout(remaining))
         .map_err(|e| ProbeError::Request(format!("grpc-timeout: {e}")))?;
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_2;
     let headers = request.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(GRPC_CONTENT_TYPE));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_GRPC));
     // Required by gRPC: it tells proxies on the way that the client understands trailers,
     // where the status lives.
     headers.insert(TE, HeaderValue::from_static("trailers"));
-    headers.insert("grpc-timeout", grpc_timeout);
+    headers.insert(GRPC_TIMEOUT, grpc_timeout);
     headers.insert(
         USER_AGENT,
         HeaderValue::from_static(concat!("portshare/", env!("CARGO_PKG_VERSION"))),
     );
     Ok(request)
-}
-
-/// `remaining` in the `grpc-timeout` format: at most 8 digits and a unit letter. Rounded
-/// up so a nearly spent budget never reads as `0m` (already expired).
-pub(crate) fn format_grpc_timeout(remaining: Duration) -> String {
-    const MAX_DIGITS_VALUE: u128 = 99_999_999;
-    let nanos = remaining.as_nanos();
-    // Milliseconds reach 27 hours, beyond any sensible probe timeout; the coarser units
-    // only keep absurd values within the 8-digit limit.
-    let units: [(u128, char); 4] = [
-        (1_000_000, 'm'),
-        (1_000_000_000, 'S'),
-        (60_000_000_000, 'M'),
-        (3_600_000_000_000, 'H'),
-    ];
-    for (unit_nanos, letter) in units {
-        let value = nanos.div_ceil(unit_nanos).max(1);
-        if value <= MAX_DIGITS_VALUE {
-            return format!("{value}{letter}");
-        }
-    }
-    format!("{MAX_DIGITS_VALUE}H")
 }
 
 /// Turns the response into a serving status: a `grpc-status` in the headers (a
@@ -365,14 +271,14 @@ async fn read_response(response: Response<Incoming>) -> Result<ServingStatus, Pr
     }
     if parts.status != StatusCode::OK {
         return Err(ProbeError::Status {
-            code: code_for_http_status(parts.status),
+            code: Code::from_http(parts.status).as_u32(),
             message: format!("HTTP status {}", parts.status),
         });
     }
     if let Some(content_type) = parts.headers.get(CONTENT_TYPE)
         && !content_type
             .as_bytes()
-            .starts_with(GRPC_CONTENT_TYPE.as_bytes())
+            .starts_with(CONTENT_TYPE_GRPC.as_bytes())
     {
         return Err(ProbeError::Malformed(format!(
             "content-type {content_type:?} is not gRPC"
@@ -408,25 +314,17 @@ async fn read_response(response: Response<Incoming>) -> Result<ServingStatus, Pr
     if let Some(error) = status_error(code, &trailers) {
         return Err(error);
     }
-    decode_response_frame(&data)
+    Ok(decode_response_frame(&data)?)
 }
 
-/// The `grpc-status` in `headers`, if there is one.
-pub(crate) fn grpc_status(headers: &HeaderMap) -> Result<Option<u32>, ProbeError> {
-    let Some(value) = headers.get("grpc-status") else {
+/// The `grpc-status` in `headers`, if there is one; a malformed one is an error.
+fn grpc_status(headers: &HeaderMap) -> Result<Option<u32>, ProbeError> {
+    let Some(value) = headers.get(&GRPC_STATUS) else {
         return Ok(None);
     };
-    // The spec allows only ASCII digits; `str::parse` alone would also take a leading '+'.
-    let digits = value.as_bytes();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return Err(ProbeError::Malformed(format!(
-            "grpc-status {value:?} is not a number"
-        )));
-    }
-    String::from_utf8_lossy(digits)
-        .parse()
+    grpc::parse_status(value.as_bytes())
         .map(Some)
-        .map_err(|_| ProbeError::Malformed(format!("grpc-status {value:?} is out of range")))
+        .map_err(|e| ProbeError::Malformed(format!("grpc-status {value:?} {e}")))
 }
 
 /// `None` for status 0, otherwise the error carrying `code` and the `grpc-message`.
@@ -434,434 +332,33 @@ fn status_error(code: u32, headers: &HeaderMap) -> Option<ProbeError> {
     (code != 0).then(|| ProbeError::Status {
         code,
         message: headers
-            .get("grpc-message")
-            .map(|m| percent_decode(m.as_bytes()))
+            .get(&GRPC_MESSAGE)
+            .map(|m| grpc::decode_message(m.as_bytes()))
             .unwrap_or_default(),
     })
-}
-
-/// Decodes a `grpc-message`, which the spec percent-encodes (UTF-8 underneath). Malformed
-/// escapes are kept as they are, as the spec asks, since the message is only for people.
-pub(crate) fn percent_decode(input: &[u8]) -> String {
-    let hex = |b: u8| char::from(b).to_digit(16);
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        let escaped = match (input[i], input.get(i + 1), input.get(i + 2)) {
-            (b'%', Some(&hi), Some(&lo)) => hex(hi).zip(hex(lo)).map(|(h, l)| (h << 4 | l) as u8),
-            _ => None,
-        };
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(input[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The gRPC code a client derives from a non-200 HTTP status with no `grpc-status`
-/// (`http-grpc-status-mapping.md` in the gRPC spec).
-fn code_for_http_status(status: StatusCode) -> u32 {
-    match status.as_u16() {
-        400 => 13,             // INTERNAL
-        401 => 16,             // UNAUTHENTICATED
-        403 => 7,              // PERMISSION_DENIED
-        404 => 12,             // UNIMPLEMENTED
-        429 | 502..=504 => 14, // UNAVAILABLE
-        _ => 2,                // UNKNOWN
-    }
-}
-
-/// Shorthand for a [`ProbeError::Malformed`].
-fn malformed(what: impl Into<String>) -> ProbeError {
-    ProbeError::Malformed(what.into())
-}
-
-/// Appends `value` as a protobuf base-128 varint: 7 bits a byte, least significant first,
-/// the top bit set on every byte but the last.
-pub(crate) fn encode_varint(mut value: u64, out: &mut BytesMut) {
-    while value >= 0x80 {
-        out.put_u8((value & 0x7f) as u8 | 0x80);
-        value >>= 7;
-    }
-    out.put_u8(value as u8);
-}
-
-/// Reads a varint from the front of `buf`: its value and how many bytes it took.
-fn decode_varint(buf: &[u8]) -> Result<(u64, usize), ProbeError> {
-    let mut value = 0u64;
-    // A u64 needs at most 10 groups of 7 bits; the 10th may only hold the top bit.
-    for (i, &byte) in buf.iter().take(10).enumerate() {
-        if i == 9 && byte > 1 {
-            return Err(malformed("varint overflows 64 bits"));
-        }
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Ok((value, i + 1));
-        }
-    }
-    Err(malformed("truncated varint"))
-}
-
-/// `buf` without its first `n` bytes, or an error naming `what` was cut short.
-fn skip<'a>(buf: &'a [u8], n: usize, what: &str) -> Result<&'a [u8], ProbeError> {
-    buf.get(n..)
-        .ok_or_else(|| malformed(format!("truncated {what}")))
-}
-
-/// Protobuf field 1 with wire type 2 (length-delimited): `1 << 3 | 2`.
-const REQUEST_SERVICE_TAG: u8 = 0x0a;
-
-/// Protobuf wire types (the low three bits of a field's key).
-const WIRE_VARINT: u64 = 0;
-/// 8 fixed bytes (`fixed64`, `sfixed64`, `double`).
-const WIRE_FIXED64: u64 = 1;
-/// A varint length, then that many bytes (strings, bytes, messages, packed fields).
-const WIRE_LEN: u64 = 2;
-/// 4 fixed bytes (`fixed32`, `sfixed32`, `float`).
-const WIRE_FIXED32: u64 = 5;
-
-/// `HealthCheckRequest { service }` as protobuf. proto3 leaves a field at its default
-/// value out, so an empty service is an empty message.
-fn encode_request(service: &str) -> Bytes {
-    let mut out = BytesMut::new();
-    if !service.is_empty() {
-        out.put_u8(REQUEST_SERVICE_TAG);
-        encode_varint(service.len() as u64, &mut out);
-        out.put_slice(service.as_bytes());
-    }
-    out.freeze()
-}
-
-/// The request body: the gRPC prefix (uncompressed, length) and the encoded request.
-pub(crate) fn encode_request_frame(service: &str) -> Result<Bytes, ProbeError> {
-    let message = encode_request(service);
-    let len = u32::try_from(message.len()).map_err(|_| {
-        ProbeError::Request(format!(
-            "a {}-byte service name does not fit in a gRPC message",
-            service.len()
-        ))
-    })?;
-    let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + message.len());
-    out.put_u8(0);
-    out.put_u32(len);
-    out.put_slice(&message);
-    Ok(out.freeze())
-}
-
-/// Decodes a whole response body: exactly one uncompressed gRPC message holding a
-/// `HealthCheckResponse`.
-pub(crate) fn decode_response_frame(body: &[u8]) -> Result<ServingStatus, ProbeError> {
-    if body.is_empty() {
-        return Err(malformed("grpc-status 0 without a response message"));
-    }
-    let (header, rest) = body
-        .split_first_chunk::<FRAME_HEADER_LEN>()
-        .ok_or_else(|| malformed("truncated gRPC message prefix"))?;
-    let [flag, len @ ..] = *header;
-    match flag {
-        0 => {}
-        // The request sent no grpc-accept-encoding, so a compressed answer is a server bug.
-        1 => {
-            return Err(malformed(
-                "compressed message, though no compression was offered",
-            ));
-        }
-        other => return Err(malformed(format!("gRPC message flag {other:#04x}"))),
-    }
-    let len = usize::try_from(u32::from_be_bytes(len))
-        .map_err(|_| malformed("gRPC message length does not fit in memory"))?;
-    match rest.len().cmp(&len) {
-        std::cmp::Ordering::Less => Err(malformed(format!(
-            "truncated gRPC message: {} of {len} bytes",
-            rest.len()
-        ))),
-        std::cmp::Ordering::Greater => Err(malformed(format!(
-            "{} bytes after the gRPC message",
-            rest.len() - len
-        ))),
-        std::cmp::Ordering::Equal => decode_response(rest),
-    }
-}
-
-/// Decodes `HealthCheckResponse { ServingStatus status = 1; }`, skipping fields a newer
-/// schema may have added.
-pub(crate) fn decode_response(mut msg: &[u8]) -> Result<ServingStatus, ProbeError> {
-    // proto3: a missing field holds its default, 0 = UNKNOWN.
-    let mut status = 0i32;
-    while !msg.is_empty() {
-        let (key, n) = decode_varint(msg)?;
-        msg = skip(msg, n, "field key")?;
-        if key >> 3 == 0 || key > u64::from(u32::MAX) {
-            return Err(malformed(format!("invalid field key {key}")));
-        }
-        let (field, wire) = (key >> 3, key & 0x7);
-        match (field, wire) {
-            (1, WIRE_VARINT) => {
-                let (value, n) = decode_varint(msg)?;
-                msg = skip(msg, n, "status")?;
-                // Enums are int32 on the wire, negative ones sign-extended to 64 bits;
-                // truncating is what protobuf specifies. Repeats: the last one wins.
-                status = value as i32;
-            }
-            (1, _) => {
-                return Err(malformed(format!(
-                    "status field has wire type {wire}, not varint"
-                )));
-            }
-            (_, WIRE_VARINT) => {
-                let (_, n) = decode_varint(msg)?;
-                msg = skip(msg, n, "varint field")?;
-            }
-            (_, WIRE_FIXED64) => msg = skip(msg, 8, "64-bit field")?,
-            (_, WIRE_LEN) => {
-                let (len, n) = decode_varint(msg)?;
-                msg = skip(msg, n, "length-delimited field")?;
-                let len = usize::try_from(len)
-                    .map_err(|_| malformed("truncated length-delimited field"))?;
-                msg = skip(msg, len, "length-delimited field")?;
-            }
-            (_, WIRE_FIXED32) => msg = skip(msg, 4, "32-bit field")?,
-            // 3 and 4 are the long-deprecated groups, never used in proto3; 6 and 7 do
-            // not exist.
-            (_, other) => {
-                return Err(malformed(format!("unsupported wire type {other}")));
-            }
-        }
-    }
-    Ok(ServingStatus::from_wire(status))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    use std::convert::Infallible;
-    use std::future::Future;
     use std::net::{Ipv6Addr, SocketAddrV6};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body_util::Empty;
-    use http_body_util::combinators::BoxBody;
-    use hyper::service::service_fn;
     use tokio::net::TcpListener;
     use tokio::sync::watch;
-    use tokio::task::JoinHandle;
 
-    // ---- encoder ----
-
-    #[test]
-    fn empty_service_is_an_empty_message_in_a_5_byte_frame() {
-        assert!(encode_request("").is_empty());
-        // Flag 0 (uncompressed), length 0 as a big-endian u32, no payload.
-        assert_eq!(&encode_request_frame("").unwrap()[..], &[0, 0, 0, 0, 0]);
-    }
-
-    #[test]
-    fn service_name_is_field_1_length_delimited() {
-        // "portshare.test.Echo" is 19 bytes. Key: field 1, wire type 2 -> (1 << 3) | 2 =
-        // 0x0a; length 19 = 0x13 fits one varint byte; message = 1 + 1 + 19 = 21 = 0x15.
-        let mut expected = vec![0x00, 0x00, 0x00, 0x00, 0x15, 0x0a, 0x13];
-        expected.extend_from_slice(b"portshare.test.Echo");
-        assert_eq!(
-            &encode_request_frame("portshare.test.Echo").unwrap()[..],
-            &expected[..]
-        );
-    }
-
-    #[test]
-    fn long_service_name_gets_a_two_byte_length_varint() {
-        // 300 = 0b10_0101100: low 7 bits 0x2c with the continuation bit -> 0xac, then
-        // 300 >> 7 = 2 -> 0x02. Message: 1 + 2 + 300 = 303 = 0x012f.
-        let name = "x".repeat(300);
-        let frame = encode_request_frame(&name).unwrap();
-        assert_eq!(
-            &frame[..8],
-            &[0x00, 0x00, 0x00, 0x01, 0x2f, 0x0a, 0xac, 0x02]
-        );
-        assert_eq!(&frame[8..], name.as_bytes());
-    }
-
-    #[test]
-    fn varints_round_trip_at_the_byte_boundaries() {
-        let cases: [(u64, &[u8]); 6] = [
-            (0, &[0x00]),
-            (1, &[0x01]),
-            (127, &[0x7f]),
-            (128, &[0x80, 0x01]),
-            (150, &[0x96, 0x01]),
-            (
-                u64::MAX,
-                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
-            ),
-        ];
-        for (value, bytes) in cases {
-            let mut out = BytesMut::new();
-            encode_varint(value, &mut out);
-            assert_eq!(&out[..], bytes, "encoding {value}");
-            assert_eq!(decode_varint(bytes).unwrap(), (value, bytes.len()));
-        }
-    }
-
-    // ---- decoder ----
-
-    /// `msg` behind a gRPC message prefix.
-    fn frame(msg: &[u8]) -> Vec<u8> {
-        let mut out = vec![0];
-        out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-        out.extend_from_slice(msg);
-        out
-    }
+    use crate::grpc::frame;
+    use crate::grpc::health::decode_varint;
+    use crate::health::test_server::{TestBody, TestServer, grpc_ok, trailers_only};
 
     fn assert_malformed(result: Result<ServingStatus, ProbeError>) {
         assert!(
             matches!(result, Err(ProbeError::Malformed(_))),
             "expected Malformed, got {result:?}"
         );
-    }
-
-    #[test]
-    fn decodes_each_status() {
-        // Key 0x08 = field 1, wire type 0 (varint).
-        let cases = [
-            (0, ServingStatus::Unknown),
-            (1, ServingStatus::Serving),
-            (2, ServingStatus::NotServing),
-            (3, ServingStatus::ServiceUnknown),
-        ];
-        for (value, status) in cases {
-            assert_eq!(
-                decode_response_frame(&frame(&[0x08, value])).unwrap(),
-                status
-            );
-        }
-    }
-
-    #[test]
-    fn missing_status_field_is_unknown() {
-        assert_eq!(
-            decode_response_frame(&frame(&[])).unwrap(),
-            ServingStatus::Unknown
-        );
-    }
-
-    #[test]
-    fn values_beyond_the_enum_are_unknown() {
-        let cases: [&[u8]; 3] = [
-            &[0x08, 0x04],
-            // 150, two varint bytes.
-            &[0x08, 0x96, 0x01],
-            // -1: a negative int32 is sign-extended to ten bytes.
-            &[
-                0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
-            ],
-        ];
-        for msg in cases {
-            assert_eq!(
-                decode_response_frame(&frame(msg)).unwrap(),
-                ServingStatus::Unknown,
-                "{msg:02x?}"
-            );
-        }
-        // 2^32 + 1 truncates to 1, as int32 fields do in protobuf.
-        assert_eq!(
-            decode_response(&[0x08, 0x81, 0x80, 0x80, 0x80, 0x10]).unwrap(),
-            ServingStatus::Serving
-        );
-    }
-
-    #[test]
-    fn unknown_fields_of_every_wire_type_are_skipped() {
-        let msg = [
-            0x10, 0x96, 0x01, // field 2, varint 150
-            0x19, 1, 2, 3, 4, 5, 6, 7, 8, // field 3, fixed64
-            0x22, 0x03, b'a', b'b', b'c', // field 4, 3 length-delimited bytes
-            0x2d, 1, 2, 3, 4, // field 5, fixed32
-            0x08, 0x01, // field 1 = SERVING
-            0xa0, 0x1f, 0x07, // field 500 (key 4000 = 0xa0 0x1f), varint 7
-        ];
-        assert_eq!(
-            decode_response_frame(&frame(&msg)).unwrap(),
-            ServingStatus::Serving
-        );
-        // A repeated singular field: the last value wins.
-        assert_eq!(
-            decode_response(&[0x08, 0x01, 0x08, 0x02]).unwrap(),
-            ServingStatus::NotServing
-        );
-    }
-
-    #[test]
-    fn truncated_varints_are_errors() {
-        assert_malformed(decode_response_frame(&frame(&[0x08]))); // no value
-        assert_malformed(decode_response_frame(&frame(&[0x08, 0x80]))); // cut mid-varint
-        assert_malformed(decode_response_frame(&frame(&[0x96]))); // cut mid-key
-        assert_malformed(decode_response(&[0x22, 0x80])); // cut length
-        // Eleven continuation bytes: longer than any u64.
-        assert_malformed(decode_response(&[
-            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
-        ]));
-        assert_malformed(decode_response(&[
-            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02,
-        ]));
-    }
-
-    #[test]
-    fn truncated_fields_are_errors() {
-        assert_malformed(decode_response(&[0x22, 0x05, b'a'])); // 5 bytes promised, 1 given
-        assert_malformed(decode_response(&[0x19, 1, 2, 3])); // fixed64 cut short
-        assert_malformed(decode_response(&[0x2d, 1, 2])); // fixed32 cut short
-        // A huge length must not overflow the bounds arithmetic.
-        assert_malformed(decode_response(&[
-            0x22, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
-        ]));
-    }
-
-    #[test]
-    fn bad_keys_and_wire_types_are_errors() {
-        assert_malformed(decode_response(&[0x00, 0x01])); // field number 0
-        assert_malformed(decode_response(&[0x0a, 0x01, 0x01])); // status as bytes
-        assert_malformed(decode_response(&[0x13])); // field 2, start group
-        assert_malformed(decode_response(&[0x16])); // field 2, wire type 6
-    }
-
-    #[test]
-    fn bad_frames_are_errors() {
-        assert_malformed(decode_response_frame(&[])); // no message at all
-        assert_malformed(decode_response_frame(&[0, 0, 0])); // cut prefix
-        assert_malformed(decode_response_frame(&[0, 0, 0, 0, 5, 0x08, 0x01])); // cut message
-        assert_malformed(decode_response_frame(&[0, 0, 0, 0, 2, 0x08, 0x01, 0x00])); // extra
-        assert_malformed(decode_response_frame(&[1, 0, 0, 0, 2, 0x08, 0x01])); // compressed
-        assert_malformed(decode_response_frame(&[7, 0, 0, 0, 2, 0x08, 0x01])); // bad flag
-    }
-
-    // ---- headers ----
-
-    #[test]
-    fn grpc_timeout_uses_milliseconds_rounded_up() {
-        assert_eq!(format_grpc_timeout(Duration::from_millis(1500)), "1500m");
-        assert_eq!(format_grpc_timeout(Duration::from_micros(1500)), "2m");
-        assert_eq!(format_grpc_timeout(Duration::ZERO), "1m");
-        assert_eq!(format_grpc_timeout(Duration::from_secs(100_000)), "100000S");
-        assert_eq!(format_grpc_timeout(Duration::MAX), "99999999H");
-        for d in [Duration::ZERO, Duration::from_secs(1), Duration::MAX] {
-            let s = format_grpc_timeout(d);
-            assert!(s.len() <= 9, "{s} has more than 8 digits");
-        }
-    }
-
-    #[test]
-    fn grpc_message_is_percent_decoded_leniently() {
-        assert_eq!(percent_decode(b"Method not found!"), "Method not found!");
-        assert_eq!(percent_decode(b"h%C3%A9llo%2525"), "h\u{e9}llo%25");
-        assert_eq!(percent_decode(b"bad %zz and %4"), "bad %zz and %4");
     }
 
     #[test]
@@ -914,128 +411,9 @@ mod tests {
 
     // ---- end to end, against an in-process hyper HTTP/2 server ----
 
-    type TestBody = BoxBody<Bytes, Infallible>;
-
     const SERVING: &[u8] = &[0x08, 0x01];
     const NOT_SERVING: &[u8] = &[0x08, 0x02];
     const TIMEOUT: Duration = Duration::from_secs(5);
-
-    /// An HTTP/2 server on 127.0.0.1:0 answering every request with a handler.
-    struct TestServer {
-        addr: SocketAddr,
-        /// Connections accepted so far.
-        accepts: Arc<AtomicUsize>,
-        /// Connections that ended so far.
-        closed: Arc<AtomicUsize>,
-        /// Bumping it drops every open connection without a GOAWAY.
-        kill: watch::Sender<u64>,
-        accept_task: JoinHandle<()>,
-    }
-
-    impl Drop for TestServer {
-        fn drop(&mut self) {
-            self.accept_task.abort();
-        }
-    }
-
-    impl TestServer {
-        async fn start<F, Fut>(handler: F) -> Self
-        where
-            F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-            Fut: Future<Output = Response<TestBody>> + Send + 'static,
-        {
-            Self::start_with(watch::channel(0).0, handler).await
-        }
-
-        /// Like `start`, with the kill switch made by the caller so a handler can use it.
-        async fn start_with<F, Fut>(kill: watch::Sender<u64>, handler: F) -> Self
-        where
-            F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-            Fut: Future<Output = Response<TestBody>> + Send + 'static,
-        {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let accepts = Arc::new(AtomicUsize::new(0));
-            let closed = Arc::new(AtomicUsize::new(0));
-            let accept_task = tokio::spawn({
-                let (accepts, closed, kill) = (accepts.clone(), closed.clone(), kill.clone());
-                async move {
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            return;
-                        };
-                        accepts.fetch_add(1, Ordering::SeqCst);
-                        let handler = handler.clone();
-                        let closed = closed.clone();
-                        let mut killed = kill.subscribe();
-                        let generation = *killed.borrow();
-                        tokio::spawn(async move {
-                            let service = service_fn(move |req| {
-                                let answer = handler(req);
-                                async move { Ok::<_, Infallible>(answer.await) }
-                            });
-                            let conn =
-                                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                                    .serve_connection(TokioIo::new(stream), service);
-                            tokio::select! {
-                                _ = conn => {}
-                                _ = killed.wait_for(|g| *g != generation) => {}
-                            }
-                            closed.fetch_add(1, Ordering::SeqCst);
-                        });
-                    }
-                }
-            });
-            Self {
-                addr,
-                accepts,
-                closed,
-                kill,
-                accept_task,
-            }
-        }
-
-        fn accepts(&self) -> usize {
-            self.accepts.load(Ordering::SeqCst)
-        }
-
-        fn kill_connections(&self) {
-            self.kill.send_modify(|g| *g += 1);
-        }
-
-        async fn wait_closed(&self, n: usize) {
-            tokio::time::timeout(Duration::from_secs(5), async {
-                while self.closed.load(Ordering::SeqCst) < n {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await
-            .expect("server connection did not close");
-        }
-    }
-
-    /// A normal unary answer: headers, one message, trailers with grpc-status 0.
-    fn grpc_ok(msg: &[u8]) -> Response<TestBody> {
-        let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        let body = Full::new(Bytes::from(frame(msg)))
-            .with_trailers(std::future::ready(Some(Ok(trailers))))
-            .boxed();
-        Response::builder()
-            .header(CONTENT_TYPE, "application/grpc")
-            .body(body)
-            .unwrap()
-    }
-
-    /// A Trailers-Only answer: the status in the one HEADERS frame, no body.
-    fn trailers_only(code: u32, message: &str) -> Response<TestBody> {
-        Response::builder()
-            .header(CONTENT_TYPE, "application/grpc")
-            .header("grpc-status", code.to_string())
-            .header("grpc-message", message)
-            .body(Empty::new().boxed())
-            .unwrap()
-    }
 
     #[tokio::test]
     async fn e2e_serving() {
@@ -1089,10 +467,8 @@ mod tests {
             return problem(format!("headers {:?}", req.headers()));
         }
         let timeout = header("grpc-timeout");
-        let millis = timeout
-            .strip_suffix('m')
-            .and_then(|n| n.parse::<u64>().ok());
-        if !millis.is_some_and(|ms| ms > 0 && ms <= 5000) {
+        let left = grpc::parse_timeout(timeout.as_bytes());
+        if !left.is_some_and(|t| t > Duration::ZERO && t <= TIMEOUT) {
             return problem(format!("grpc-timeout {timeout:?}"));
         }
         let body = match req.into_body().collect().await {
@@ -1276,7 +652,7 @@ mod tests {
             let body = if req.headers().contains_key("x-big") {
                 vec![0u8; MAX_RESPONSE_BYTES + 1]
             } else {
-                frame(SERVING)
+                frame::encode(SERVING).unwrap().to_vec()
             };
             Response::builder()
                 .header(CONTENT_TYPE, "application/grpc")

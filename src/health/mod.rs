@@ -2,8 +2,14 @@
 //! on an interval, with consecutive thresholds before a backend flips between ready and not
 //! ready (each flip logged once). Spawned workers start as `starting` and take no traffic
 //! until a check passes.
+//!
+//! This file runs the checks and reports them; [`grpc`] is the `grpc.health.v1` probe (the
+//! call on its kept connection; the messages' codec is [`crate::grpc::health`]), and
+//! `test_server` the in-process HTTP/2 server its tests answer from.
 
 pub mod grpc;
+#[cfg(test)]
+mod test_server;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -18,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, BackendSet, CheckResult, Health, Thresholds};
+use crate::grpc::health::ServingStatus;
 use crate::metrics as m;
 
 /// While a worker boots, it is checked this often, so it joins the rotation promptly; a
@@ -84,8 +91,8 @@ impl Probe {
                 }
             }
             Probe::Grpc(probe) => match probe.check(timeout).await {
-                Ok(grpc::ServingStatus::Serving) => CheckResult::Pass,
-                Ok(grpc::ServingStatus::NotServing) => CheckResult::NotServing,
+                Ok(ServingStatus::Serving) => CheckResult::Pass,
+                Ok(ServingStatus::NotServing) => CheckResult::NotServing,
                 Ok(other) => CheckResult::Fail(format!("health status {other}")),
                 Err(e) => CheckResult::Fail(e.to_string()),
             },
