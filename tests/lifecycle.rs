@@ -52,7 +52,9 @@ fn a_call_made_before_any_worker_is_ready_waits_and_succeeds() {
 #[test]
 fn calls_after_the_only_worker_is_killed_wait_for_its_replacement() {
     for mode in MODES {
-        let proxy = spawned(1, &[], &[], &["--mode", mode]);
+        // The replacement takes 2 s to listen, so the clients below (however slowly a busy
+        // machine starts them) certainly call while no worker is ready.
+        let proxy = spawned(1, &["--bind-delay", "2"], &[], &["--mode", mode]);
         eventually(Duration::from_secs(30), "the worker is ready", || {
             proxy.all_healthy()
         });
@@ -61,13 +63,13 @@ fn calls_after_the_only_worker_is_killed_wait_for_its_replacement() {
         let target = proxy.target();
         let old = proxy.pids();
         support::signal(old[0], "KILL");
-        let steady = client_spawn(&["steady", "--target", &target, "--seconds", "4"]);
+        let steady = client_spawn(&["steady", "--target", &target, "--seconds", "6"]);
         let fresh = client_spawn(&[
             "steady",
             "--target",
             &target,
             "--seconds",
-            "4",
+            "6",
             "--fresh-channels",
             "--pause-ms",
             "20",

@@ -289,7 +289,10 @@ impl H2Proxy {
                 }
                 Some(()) = calls.next(), if !calls.is_empty() => {}
                 accepted = conn.accept() => match accepted {
-                    Some(Ok((req, respond))) => calls.push(proxy.call(req, respond, peer)),
+                    // Boxed: the set keeps a stub slot of its futures' type for its whole
+                    // life, which would otherwise make every idle connection a call's
+                    // future bigger.
+                    Some(Ok((req, respond))) => calls.push(Box::pin(proxy.call(req, respond, peer))),
                     Some(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "client connection ended with an error");
                         break;
