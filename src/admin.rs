@@ -41,6 +41,8 @@ pub struct AdminState {
     pub draining: CancellationToken,
     /// Asks for a rolling restart of spawned workers; `None` when there are none.
     pub restart: Option<tokio::sync::mpsc::Sender<Control>>,
+    /// Asks for a configuration reload, or the running configuration.
+    pub control: tokio::sync::mpsc::Sender<Control>,
 }
 
 /// Serves the admin endpoints until `stop` is cancelled.
@@ -66,10 +68,12 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
                 async move {
-                    if req.uri().path() == "/workers/restart" {
-                        return Ok::<_, Infallible>(restart_workers(&state, &req).await);
-                    }
-                    Ok(route(&state, &req))
+                    Ok::<_, Infallible>(match req.uri().path() {
+                        "/workers/restart" => restart_workers(&state, &req).await,
+                        "/config/reload" => reload_config(&state, &req).await,
+                        "/config" => show_config(&state, &req).await,
+                        _ => route(&state, &req),
+                    })
                 }
             });
             let conn = http1::Builder::new()
@@ -141,7 +145,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /backends, /metrics or POST /workers/restart\n",
+            "not found: try /healthz, /readyz, /backends, /metrics, /config, POST /config/reload or POST /workers/restart\n",
         ),
     }
 }
@@ -176,5 +180,57 @@ async fn restart_workers(state: &AdminState, req: &Request<Incoming>) -> Respons
             "a rolling restart is already under way\n",
         ),
         Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "portshare is stopping\n"),
+    }
+}
+
+/// Hands `ask` a reply channel on the control channel and waits for the answer; `Err` is
+/// the response to give when there is none.
+async fn ask<T>(
+    state: &AdminState,
+    ask: impl FnOnce(oneshot::Sender<T>) -> Control,
+) -> Result<T, Response<Full<Bytes>>> {
+    let (tx, rx) = oneshot::channel();
+    if state.control.try_send(ask(tx)).is_err() {
+        return Err(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests waiting; try again\n",
+        ));
+    }
+    rx.await
+        .map_err(|_| text(StatusCode::SERVICE_UNAVAILABLE, "portshare is stopping\n"))
+}
+
+/// `POST /config/reload`: reads the configuration file and environment again and applies
+/// them (what SIGHUP does, less the workers' rolling restart): 200 with what changed and
+/// what needs a restart, 422 with the key and the problem when it does not validate.
+async fn reload_config(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+    }
+    match ask(state, Control::ReloadConfig).await {
+        Ok(Ok(report)) => text(StatusCode::OK, format!("reloaded\n{report}")),
+        Ok(Err(e)) => text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("not reloaded: {e}; the running configuration is kept\n"),
+        ),
+        Err(response) => response,
+    }
+}
+
+/// `GET /config`: the configuration running now, as `portshare check` prints it.
+async fn show_config(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+    }
+    match ask(state, Control::ShowConfig).await {
+        Ok(toml) => {
+            let mut r = text(StatusCode::OK, toml);
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/toml; charset=utf-8"),
+            );
+            r
+        }
+        Err(response) => response,
     }
 }

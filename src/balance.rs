@@ -2,7 +2,7 @@
 //! synchronous logic over a list of candidates, so it can be tested without a socket.
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 /// How a backend is chosen among the usable ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub enum Balance {
 }
 
 impl Balance {
+    const ALL: [Balance; 3] = [Balance::LeastConn, Balance::RoundRobin, Balance::P2c];
+
     /// The spelling used in flags and config files.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -37,8 +39,9 @@ impl fmt::Display for Balance {
 /// A picker: the strategy plus the rotation cursor it needs.
 #[derive(Debug)]
 pub struct Balancer {
-    /// The strategy.
-    kind: Balance,
+    /// The strategy, as its index in [`Balance::ALL`]: a reload may change it while picks
+    /// run.
+    kind: AtomicU8,
     /// Advances on every pick; round-robin's position and least-conn's tie-break start.
     cursor: AtomicUsize,
 }
@@ -48,16 +51,30 @@ impl Balancer {
     /// instances in front of the same workers do not all begin with the first one.
     pub fn new(kind: Balance) -> Self {
         Self {
-            kind,
+            kind: AtomicU8::new(Self::encode(kind)),
             cursor: AtomicUsize::new(fastrand::usize(..1024)),
         }
+    }
+
+    fn encode(kind: Balance) -> u8 {
+        Balance::ALL.iter().position(|k| *k == kind).unwrap_or(0) as u8
+    }
+
+    /// The strategy now.
+    pub fn kind(&self) -> Balance {
+        Balance::ALL[usize::from(self.kind.load(Ordering::Relaxed)) % Balance::ALL.len()]
+    }
+
+    /// Switches the strategy (a reload); picks under way finish with the old one.
+    pub fn set_kind(&self, kind: Balance) {
+        self.kind.store(Self::encode(kind), Ordering::Relaxed);
     }
 
     /// A picker whose rotation starts at `cursor`, for tests that need a known order.
     #[cfg(test)]
     pub(crate) fn starting_at(kind: Balance, cursor: usize) -> Self {
         Self {
-            kind,
+            kind: AtomicU8::new(Self::encode(kind)),
             cursor: AtomicUsize::new(cursor),
         }
     }
@@ -70,7 +87,7 @@ impl Balancer {
             return None;
         }
         let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
-        match self.kind {
+        match self.kind() {
             Balance::RoundRobin => Some(turn % n),
             Balance::LeastConn => {
                 let start = turn % n;
@@ -138,7 +155,7 @@ mod tests {
 
     #[test]
     fn nothing_to_pick_from() {
-        for kind in [Balance::LeastConn, Balance::RoundRobin, Balance::P2c] {
+        for kind in Balance::ALL {
             assert_eq!(Balancer::new(kind).pick(&[] as &[usize], |l| *l), None);
         }
     }
@@ -151,6 +168,15 @@ mod tests {
                 assert_eq!(b.pick(&[7usize], |l| *l), Some(0));
             }
         }
+    }
+
+    #[test]
+    fn a_switched_strategy_takes_the_next_pick() {
+        let b = Balancer::starting_at(Balance::RoundRobin, 0);
+        assert_eq!(b.pick(&[5, 0, 9], |l| *l), Some(0));
+        b.set_kind(Balance::LeastConn);
+        assert_eq!(b.kind(), Balance::LeastConn);
+        assert_eq!(b.pick(&[5, 0, 9], |l| *l), Some(1));
     }
 
     #[test]

@@ -23,7 +23,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the configuration and print the effective one (exit 0), or say what is wrong (exit 64).
+    /// Given --admin on the command line, compare it with what that running portshare runs
+    /// instead: what a reload would change, and what would need a restart.
     Check,
+    /// Make a running portshare read its configuration file and environment again, via its
+    /// admin endpoint (--admin): SIGHUP's reload, also on Windows (without the workers'
+    /// rolling restart). Prints what changed; exit 1 if the configuration is invalid.
+    Reload,
     /// Print the backends of a running portshare as a table, from its admin endpoint (--admin).
     Status,
     /// Replace a running portshare's spawned workers one at a time, via its admin endpoint

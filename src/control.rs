@@ -4,15 +4,22 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::reload::Report;
 use crate::supervisor::{Forwarded, RestartOutcome};
 
 /// Requests from outside to the running proxy, from signals and the admin endpoint.
 #[derive(Debug)]
 pub enum Control {
-    /// Reload the TLS files and replace spawned workers one at a time: SIGHUP, or
+    /// Reload the configuration (the TLS files with it) and replace spawned workers one at
+    /// a time: SIGHUP, or
     /// `POST /workers/restart` (the way on Windows, which has no SIGHUP), which waits to
     /// hear how the restart ended.
     Reload(Option<oneshot::Sender<RestartOutcome>>),
+    /// Read the configuration again and apply it (`POST /config/reload`): the answer is
+    /// what changed, or why nothing did.
+    ReloadConfig(oneshot::Sender<Result<Report, String>>),
+    /// The configuration running now, as `portshare check` prints it (`GET /config`).
+    ShowConfig(oneshot::Sender<String>),
     /// Pass a signal on to every spawned worker (SIGUSR1/SIGUSR2), as an init would.
     Forward(Forwarded),
 }

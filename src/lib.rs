@@ -6,7 +6,10 @@
 //! - [`cli`]: the command line, mirroring the config keys (help text from the keys table).
 //! - [`config`]: the one table of keys (name, flag, default, doc); defaults < TOML file <
 //!   `PORTSHARE_*` env < flags, validated into [`config::Config`].
-//! - [`control`]: requests from outside (SIGHUP, `POST /workers/restart`, forwarded signals).
+//! - [`control`]: requests from outside (SIGHUP, `POST /workers/restart`,
+//!   `POST /config/reload`, forwarded signals).
+//! - [`reload`]: the configuration read again while serving: what changed, applied where it
+//!   can be, "needs a restart" where not.
 //! - [`shutdown`]: signals, the stop token and task tracker, the bounded drain.
 //! - [`listener`]: bind, permit before accept, accept backoff, one task per connection.
 //! - [`threads`]: h2 mode's data-path threads, one runtime each, connections in turn.
@@ -54,6 +57,7 @@ pub mod health;
 pub mod l4;
 pub mod listener;
 pub mod metrics;
+pub mod reload;
 pub mod shutdown;
 pub mod status;
 pub mod supervisor;
@@ -182,13 +186,15 @@ async fn l4_connection(
 }
 
 /// Serves until `shutdown` begins, then drains for up to the configured drain timeout.
-/// Requests on `controls` reload TLS, restart spawned workers, or pass signals to them.
+/// Requests on `controls` reload the configuration (read again by `load`), restart spawned
+/// workers, or pass signals to them.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
     prometheus: Option<PrometheusHandle>,
     controls: Controls,
+    load: reload::Loader,
 ) -> Result<(), Error> {
     let (control_tx, mut controls) = controls.into_parts();
     let tls = config
@@ -226,18 +232,21 @@ pub async fn run(
         .clone()
         .map(|w| supervisor::Supervisor::start(w, &backends, &ports))
         .transpose()?;
-    // Stops the background tasks: health checks, TLS file watching, metrics upkeep.
+    // Stops the background tasks: health checks, TLS file watching, metrics upkeep, the
+    // drains of backends a reload removed.
     let background_stop = CancellationToken::new();
+    let background = tokio_util::task::TaskTracker::new();
     if let Some(handle) = &prometheus {
-        tokio::spawn(metrics::upkeep(handle.clone(), background_stop.clone()));
+        background.spawn(metrics::upkeep(handle.clone(), background_stop.clone()));
     }
-    tokio::spawn(health::run(
+    let (health_tx, health_rx) = tokio::sync::watch::channel(config.health.clone());
+    background.spawn(health::run(
         Arc::clone(&backends),
-        config.health.clone(),
+        health_rx,
         background_stop.clone(),
     ));
     if let Some(t) = &tls {
-        tokio::spawn(Arc::clone(t).watch(background_stop.clone()));
+        background.spawn(Arc::clone(t).watch(background_stop.clone()));
     }
     log_bound("proxy", &listeners.proxy);
     let admin_stop = CancellationToken::new();
@@ -248,6 +257,7 @@ pub async fn run(
             prometheus,
             draining: shutdown.stop_token().clone(),
             restart: workers.is_some().then(|| control_tx.clone()),
+            control: control_tx.clone(),
         };
         tokio::spawn(admin::serve(l, state, admin_stop.clone()))
     });
@@ -283,6 +293,19 @@ pub async fn run(
     };
     let abort = shutdown.abort_token().clone();
     let conn_tls = tls.clone();
+    let limit = listener::ConnectionLimit::new(config.listener.max_connections);
+    let mut live = reload::Live {
+        config: config.clone(),
+        load,
+        backends: Arc::clone(&backends),
+        l4: None,
+        h2: None,
+        health: health_tx,
+        limit: Arc::clone(&limit),
+        tls: tls.clone(),
+        tasks: background.clone(),
+        stop: background_stop.clone(),
+    };
     let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match config.mode {
         Mode::L4 => {
             let proxy = Arc::new(
@@ -294,9 +317,10 @@ pub async fn run(
                 )
                 .with_access_log(access_log.clone()),
             );
+            live.l4 = Some(Arc::clone(&proxy));
             Box::pin(listener::serve(
                 listeners.proxy,
-                &config.listener,
+                Arc::clone(&limit),
                 &shutdown,
                 None,
                 move |stream, peer| {
@@ -320,10 +344,11 @@ pub async fn run(
                 )
                 .with_access_log(access_log.clone()),
             );
+            live.h2 = Some(Arc::clone(&proxy));
             let stop = shutdown.stop_token().clone();
             Box::pin(listener::serve(
                 listeners.proxy,
-                &config.listener,
+                Arc::clone(&limit),
                 &shutdown,
                 data_threads.as_ref(),
                 move |stream, peer| {
@@ -353,13 +378,23 @@ pub async fn run(
             }
             Some(control) = controls.recv() => match control {
                 Control::Reload(done) => {
-                    if let Some(t) = &tls {
+                    // The TLS files are read again with the configuration; when that fails,
+                    // they are still read again as they were (a certificate renewed in place).
+                    if live.reload(workers.as_ref()).is_err()
+                        && let Some(t) = &tls
+                    {
                         t.reload_and_log("reload requested");
                     }
                     match &workers {
                         Some(w) => w.rolling_restart(done),
                         None => tracing::info!("reload: no spawned workers to restart"),
                     }
+                }
+                Control::ReloadConfig(done) => {
+                    let _ = done.send(live.reload(workers.as_ref()));
+                }
+                Control::ShowConfig(done) => {
+                    let _ = done.send(live.config.to_toml());
                 }
                 Control::Forward(signal) => match &workers {
                     Some(w) => w.forward(signal),
@@ -368,9 +403,10 @@ pub async fn run(
             },
         }
     }
+    let drain_timeout = live.config.drain_timeout;
     let open = shutdown.tracker().len();
-    tracing::info!(open, timeout = ?config.drain_timeout, "stopped accepting; draining");
-    match shutdown.drain(config.drain_timeout).await {
+    tracing::info!(open, timeout = ?drain_timeout, "stopped accepting; draining");
+    match shutdown.drain(drain_timeout).await {
         Drained::Clean => tracing::info!("drained; every connection finished"),
         Drained::Forced(left) => {
             tracing::warn!(left, "drain time over; closed the connections still open")
@@ -382,6 +418,8 @@ pub async fn run(
         w.stop().await;
     }
     background_stop.cancel();
+    background.close();
+    background.wait().await;
     admin_stop.cancel();
     if let Some(task) = admin {
         let _ = task.await;

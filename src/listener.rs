@@ -108,12 +108,57 @@ impl<F: Future<Output = ()>> Future for Held<F> {
     }
 }
 
+/// The cap on client connections held at once, which a reload may move: raised, the new
+/// places are free at once; lowered, places are withdrawn as connections close (none is
+/// cut for it).
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    permits: Arc<Semaphore>,
+    max: std::sync::Mutex<usize>,
+}
+
+impl ConnectionLimit {
+    /// A cap of `max`.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max: std::sync::Mutex::new(max),
+        })
+    }
+
+    /// Moves the cap to `max`; a lowering takes its places back on a task of `tasks`.
+    pub fn set(&self, max: usize, tasks: &tokio_util::task::TaskTracker) {
+        let mut current = self
+            .max
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if max > *current {
+            self.permits.add_permits(max - *current);
+        } else if max < *current {
+            let mut fewer = *current - max;
+            let permits = Arc::clone(&self.permits);
+            tasks.spawn(async move {
+                // In chunks: one acquisition can take at most u32::MAX places.
+                while fewer > 0 {
+                    let n = u32::try_from(fewer).unwrap_or(u32::MAX);
+                    match Arc::clone(&permits).acquire_many_owned(n).await {
+                        Ok(p) => p.forget(),
+                        Err(_) => return,
+                    }
+                    fewer -= n as usize;
+                }
+            });
+        }
+        *current = max;
+    }
+}
+
 /// Accepts connections until shutdown begins, running `handle` for each one on a tracked
 /// task: on the current runtime, or, given data-path `threads`, on each of theirs in turn.
 /// Returns once the listener has stopped accepting; the tasks go on.
 pub async fn serve<H, F>(
     listener: TcpListener,
-    config: &ListenerConfig,
+    limit: Arc<ConnectionLimit>,
     shutdown: &Shutdown,
     threads: Option<&DataThreads>,
     handle: H,
@@ -121,7 +166,7 @@ pub async fn serve<H, F>(
     H: Fn(TcpStream, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let permits = Arc::clone(&limit.permits);
     let stop = shutdown.stop_token();
     let accepted = counter!(m::CONNECTIONS_ACCEPTED);
     let accept_errors = counter!(m::ACCEPT_ERRORS);
@@ -204,17 +249,14 @@ mod tests {
     async fn the_permit_is_taken_before_accept() {
         let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let config = ListenerConfig {
-            addr,
-            max_connections: 1,
-        };
+        let limit = ConnectionLimit::new(1);
         let shutdown = Shutdown::new();
         let release = tokio_util::sync::CancellationToken::new();
         let served = {
             let shutdown = shutdown.clone();
             let release = release.clone();
             tokio::spawn(async move {
-                serve(listener, &config, &shutdown, None, move |mut s, _| {
+                serve(listener, limit, &shutdown, None, move |mut s, _| {
                     let release = release.clone();
                     async move {
                         let _ = s.write_all(b"hi").await;
@@ -240,6 +282,24 @@ mod tests {
             .expect("served after release");
         shutdown.begin();
         served.await.expect("serve loop ends on shutdown");
+    }
+
+    #[tokio::test]
+    async fn a_lowered_limit_takes_its_places_back_as_connections_close() {
+        let limit = ConnectionLimit::new(2);
+        let tasks = tokio_util::task::TaskTracker::new();
+        let held = Arc::clone(&limit.permits)
+            .acquire_many_owned(2)
+            .await
+            .expect("places");
+        limit.set(1, &tasks);
+        assert_eq!(limit.permits.available_permits(), 0);
+        drop(held);
+        tasks.close();
+        tasks.wait().await;
+        assert_eq!(limit.permits.available_permits(), 1);
+        limit.set(3, &tasks);
+        assert_eq!(limit.permits.available_permits(), 3);
     }
 
     #[tokio::test]

@@ -44,12 +44,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let env: HashMap<String, String> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect();
+    let env = environment();
     if matches!(
         cli.command,
-        Some(Command::Status | Command::Probe { .. } | Command::Restart)
+        Some(Command::Status | Command::Probe { .. } | Command::Restart | Command::Reload)
     ) {
         return ask_admin(&cli, &env);
     }
@@ -68,6 +66,11 @@ fn main() -> ExitCode {
             eprintln!("portshare: invalid configuration: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
+        if cli.opts.admin.is_some()
+            && let Some(admin) = config.admin
+        {
+            return compare_with_running(&config, admin);
+        }
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
@@ -85,7 +88,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    let opts = cli.opts.clone();
+    let load: portshare::reload::Loader = Box::new(move || config::load(&opts, &environment()));
+    match runtime.block_on(serve(config, load)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ Error::Tls(_)) => {
             eprintln!("portshare: invalid configuration: {e}");
@@ -100,6 +105,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The environment's variables that are valid Unicode (the `PORTSHARE_*` ones are read).
+fn environment() -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
 }
 
 /// `portshare status`, `probe` and `restart`: they need only the admin address, not a
@@ -121,6 +133,7 @@ fn ask_admin(cli: &Cli, env: &HashMap<String, String>) -> ExitCode {
     let answer = match &cli.command {
         Some(Command::Probe { path }) => portshare::status::probe(admin, path),
         Some(Command::Restart) => portshare::status::restart(admin),
+        Some(Command::Reload) => portshare::status::reload(admin),
         _ => portshare::status::fetch(admin),
     };
     match answer {
@@ -135,14 +148,48 @@ fn ask_admin(cli: &Cli, env: &HashMap<String, String>) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> Result<(), Error> {
+/// `portshare check --admin ADDR`: what reloading `candidate` into the portshare at `admin`
+/// would change.
+fn compare_with_running(candidate: &Config, admin: std::net::SocketAddr) -> ExitCode {
+    let running = match portshare::status::running_config(admin) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("portshare: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut running = match portshare::reload::flatten_toml(&running) {
+        Ok(flat) => flat,
+        Err(e) => {
+            eprintln!("portshare: the configuration {admin} reports does not parse: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut candidate = portshare::reload::flatten(candidate);
+    // The admin address asked is the running one's, whatever it was configured as.
+    running.remove("admin");
+    candidate.remove("admin");
+    let report = portshare::reload::diff(&running, &candidate);
+    print!("the configuration is valid; against the portshare at {admin}, a reload:\n{report}");
+    ExitCode::SUCCESS
+}
+
+async fn serve(config: Config, load: portshare::reload::Loader) -> Result<(), Error> {
     let prometheus = portshare::metrics::install()?;
     let signals = Signals::new().map_err(Error::Signals)?;
     let shutdown = Shutdown::new();
     let listeners = Listeners::bind(&config)?;
     let controls = portshare::control::Controls::new();
     tokio::spawn(signals.watch(shutdown.clone(), controls.sender()));
-    portshare::run(config, listeners, shutdown, Some(prometheus), controls).await
+    portshare::run(
+        config,
+        listeners,
+        shutdown,
+        Some(prometheus),
+        controls,
+        load,
+    )
+    .await
 }
 
 /// Logs go to stderr: text for people (coloured only on a terminal) or JSON for collectors;

@@ -39,6 +39,8 @@ pub const HEALTH_CHECK_SECONDS: &str = "portshare_health_check_duration_seconds"
 pub const WORKER_RESTARTS: &str = "portshare_worker_restarts_total";
 /// Rolling restarts of the spawned workers, by `result` (done/failed).
 pub const ROLLING_RESTARTS: &str = "portshare_rolling_restarts_total";
+/// Configuration reloads, by result (`ok`, `error`).
+pub const CONFIG_RELOADS: &str = "portshare_config_reloads_total";
 /// Calls (h2) or client connections (l4) each spawned worker took, over all its processes.
 pub const WORKER_CALLS: &str = "portshare_worker_calls_total";
 /// Resident memory of each spawned worker's process tree (Linux), sampled every few seconds.
@@ -188,6 +190,10 @@ fn describe() {
     describe_counter!(
         ROLLING_RESTARTS,
         "Rolling restarts of the spawned workers, by result (done/failed)."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Configuration reloads (SIGHUP, POST /config/reload), by result (ok/error)."
     );
     describe_gauge!(
         WORKER_UP,

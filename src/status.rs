@@ -182,12 +182,34 @@ pub fn probe(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
 /// Asks for a rolling restart of the spawned workers (what SIGHUP does) and waits until it
 /// is over: `Err` when a replacement failed.
 pub fn restart(addr: SocketAddr) -> Result<String, StatusError> {
-    match request(addr, Method::POST, "/workers/restart", RESTART_WAIT)? {
-        (200, body) => Ok(body),
-        (code, body) => Err(StatusError::Answer {
+    answer_ok(
+        addr,
+        request(addr, Method::POST, "/workers/restart", RESTART_WAIT)?,
+    )
+}
+
+/// Asks a running instance to read its configuration again (`POST /config/reload`): what
+/// changed and what needs a restart, or `Err` naming the key when the file is invalid.
+pub fn reload(addr: SocketAddr) -> Result<String, StatusError> {
+    answer_ok(
+        addr,
+        request(addr, Method::POST, "/config/reload", TIMEOUT)?,
+    )
+}
+
+/// The configuration a running instance runs now (`GET /config`), as TOML.
+pub fn running_config(addr: SocketAddr) -> Result<String, StatusError> {
+    answer_ok(addr, get(addr, "/config", TIMEOUT)?)
+}
+
+fn answer_ok(addr: SocketAddr, (code, body): (u16, String)) -> Result<String, StatusError> {
+    if code == 200 {
+        Ok(body)
+    } else {
+        Err(StatusError::Answer {
             addr,
             what: format!("HTTP {code}: {}", body.trim()),
-        }),
+        })
     }
 }
 

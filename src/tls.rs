@@ -155,7 +155,8 @@ fn failure_reason(e: &io::Error) -> &'static str {
 /// The TLS terminator: the current configuration, replaced whole on reload.
 #[derive(Debug)]
 pub struct Tls {
-    config: TlsConfig,
+    /// The files and timeouts; a reload may name other files.
+    config: RwLock<TlsConfig>,
     current: RwLock<Arc<ServerConfig>>,
     /// The files' modification times when last loaded.
     loaded: Mutex<Vec<Option<SystemTime>>>,
@@ -168,17 +169,31 @@ impl Tls {
         Ok(Self {
             loaded: Mutex::new(stamps(&config)),
             current: RwLock::new(server),
-            config,
+            config: RwLock::new(config),
         })
+    }
+
+    fn config(&self) -> TlsConfig {
+        self.config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Loads the files again; on success new connections get the new configuration, on
     /// failure the old one stays and the error says why.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let stamped = stamps(&self.config);
-        let server = load(&self.config)?;
+        self.replace(self.config())
+    }
+
+    /// Loads the files `config` names (a reload of the configuration): on success new
+    /// connections get them and `config`'s timeouts, on failure nothing changes.
+    pub fn replace(&self, config: TlsConfig) -> Result<(), TlsError> {
+        let stamped = stamps(&config);
+        let server = load(&config)?;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = server;
         *self.loaded.lock().unwrap_or_else(PoisonError::into_inner) = stamped;
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = config;
         Ok(())
     }
 
@@ -198,12 +213,12 @@ impl Tls {
         let acceptor = TlsAcceptor::from(Arc::clone(
             &self.current.read().unwrap_or_else(PoisonError::into_inner),
         ));
-        let result = match tokio::time::timeout(
-            self.config.handshake_timeout,
-            acceptor.accept(stream),
-        )
-        .await
-        {
+        let handshake_timeout = self
+            .config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .handshake_timeout;
+        let result = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -224,11 +239,12 @@ impl Tls {
     /// Watches the files and reloads when they change, until `stop`.
     pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
         loop {
+            let config = self.config();
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(self.config.watch_interval) => {}
+                () = tokio::time::sleep(config.watch_interval) => {}
             }
-            let now = stamps(&self.config);
+            let now = stamps(&self.config());
             let changed = *self.loaded.lock().unwrap_or_else(PoisonError::into_inner) != now;
             if changed {
                 self.reload_and_log("files changed");

@@ -29,11 +29,9 @@ pub struct BackendSet {
     next_id: AtomicU64,
     /// Serialises ejection decisions, so two failures at once cannot eject the last two.
     eject_lock: Mutex<()>,
-    /// How long ejections last.
-    ejection: EjectionConfig,
-    /// The streaks that flip a backend; a connect refused on the data path counts as a
-    /// failed check.
-    thresholds: Thresholds,
+    /// How long ejections last, and the streaks that flip a backend (a connect refused on
+    /// the data path counts as a failed check); a reload may change both.
+    tuning: Mutex<(EjectionConfig, Thresholds)>,
     /// Wakes waiters when a backend can take more.
     capacity: Arc<Capacity>,
 }
@@ -74,8 +72,7 @@ impl BackendSet {
             members: watch::Sender::new(0),
             backends: RwLock::new(list.into()),
             eject_lock: Mutex::new(()),
-            ejection,
-            thresholds,
+            tuning: Mutex::new((ejection, thresholds)),
             capacity,
         }
     }
@@ -85,17 +82,50 @@ impl BackendSet {
         Arc::clone(&self.backends.read().unwrap_or_else(PoisonError::into_inner))
     }
 
+    fn thresholds(&self) -> Thresholds {
+        lock(&self.tuning).1
+    }
+
+    /// New ejection lengths and check thresholds (a reload); streaks under way keep their
+    /// counts.
+    pub fn retune(&self, ejection: EjectionConfig, thresholds: Thresholds) {
+        *lock(&self.tuning) = (ejection, thresholds);
+    }
+
+    /// Adds a configured backend while running (a reload): out of rotation (`unhealthy`,
+    /// never checked) until its first check passes, listed last.
+    pub fn join(&self, spec: BackendSpec) -> Arc<Backend> {
+        let backend = self.fresh(spec);
+        {
+            let mut s = lock(&backend.state);
+            s.health.set(Health::Unhealthy, Instant::now());
+            s.health.first_result_decides = true;
+        }
+        self.insert(Arc::clone(&backend), None);
+        backend
+    }
+
     /// Adds a backend for `spec`, listed right after `beside` when given (a worker's
     /// replacement next to the process it replaces), else last. It starts as a new one
     /// does: `unknown`, or `stopped` for a spawned worker until it starts.
     pub fn add(&self, spec: BackendSpec, beside: Option<&Backend>) -> Arc<Backend> {
+        let backend = self.fresh(spec);
+        self.insert(Arc::clone(&backend), beside);
+        backend
+    }
+
+    /// A backend for `spec` with the next id, not yet in the set.
+    fn fresh(&self, spec: BackendSpec) -> Arc<Backend> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let backend = Arc::new(Backend::new(
+        Arc::new(Backend::new(
             id,
             spec,
             Instant::now(),
             Arc::clone(&self.capacity),
-        ));
+        ))
+    }
+
+    fn insert(&self, backend: Arc<Backend>, beside: Option<&Backend>) {
         {
             let mut list = self
                 .backends
@@ -105,11 +135,10 @@ impl BackendSet {
             let at = beside
                 .and_then(|b| next.iter().position(|n| n.id == b.id))
                 .map_or(next.len(), |i| i + 1);
-            next.insert(at, Arc::clone(&backend));
+            next.insert(at, backend);
             *list = next.into();
         }
         self.members.send_modify(|n| *n += 1);
-        backend
     }
 
     /// Takes `backend` out of the set for good: no call can pick it any more, and its
@@ -244,7 +273,7 @@ impl BackendSet {
     pub fn record_check(&self, backend: &Backend, result: &CheckResult, now: Instant) {
         let before = lock(&backend.state)
             .health
-            .observe(result, &self.thresholds, now);
+            .observe(result, &self.thresholds(), now);
         backend.changed(before, Some(result));
     }
 
@@ -291,8 +320,8 @@ impl BackendSet {
         if others_in_rotation == 0 || p.ejected_until.is_some_and(|t| t > now) {
             return None;
         }
-        let length =
-            backoff::exponential(self.ejection.base_time, self.ejection.max_time, p.streak);
+        let (ejection, _) = *lock(&self.tuning);
+        let length = backoff::exponential(ejection.base_time, ejection.max_time, p.streak);
         p.streak = p.streak.saturating_add(1);
         p.ejections += 1;
         p.ejected_until = Some(now + length);

@@ -101,6 +101,9 @@ pub struct HealthState {
     pub generation: u64,
     /// When a check last passed: a worker failing since long before is hung.
     pub last_pass: Option<Instant>,
+    /// The next check result flips it whatever the thresholds: a backend a reload added
+    /// waits out of rotation for its first check, no longer.
+    pub first_result_decides: bool,
 }
 
 impl HealthState {
@@ -114,6 +117,7 @@ impl HealthState {
             last_check: None,
             generation: 0,
             last_pass: None,
+            first_result_decides: false,
         }
     }
 
@@ -150,6 +154,8 @@ impl HealthState {
         thresholds: &Thresholds,
         now: Instant,
     ) -> Option<Health> {
+        let fresh = matches!(self.health, Health::Unknown | Health::Starting)
+            || std::mem::take(&mut self.first_result_decides);
         self.last_check = Some(match result {
             CheckResult::Pass => "ok".to_owned(),
             CheckResult::NotServing => "NOT_SERVING".to_owned(),
@@ -158,7 +164,6 @@ impl HealthState {
         if self.health.held_by_supervisor() {
             return None;
         }
-        let fresh = matches!(self.health, Health::Unknown | Health::Starting);
         match result {
             CheckResult::Pass => {
                 self.last_pass = Some(now);

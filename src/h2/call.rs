@@ -37,22 +37,28 @@ use crate::threads;
 #[derive(Debug)]
 pub(super) struct InFlight {
     count: AtomicUsize,
-    max: usize,
+    /// A reload may change it; calls beyond a lowered one finish.
+    max: AtomicUsize,
 }
 
 impl InFlight {
     pub(super) fn new(max: usize) -> Self {
         Self {
             count: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         }
+    }
+
+    pub(super) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// A place for one more call, unless `max` are in flight.
     fn try_acquire(&self) -> Option<Slot<'_>> {
+        let max = self.max.load(Ordering::Relaxed);
         self.count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .ok()
             .map(|_| Slot(&self.count))
@@ -159,14 +165,21 @@ impl H2Proxy {
     ) -> Placed {
         let started = facts.started;
         let deadline = grpc::timeout_in(&head.headers).map(|t| started + t);
-        let queue_until = started + self.config.queue_timeout;
+        let (queue_timeout, cap, attempts) = {
+            let config = self.config.load();
+            (
+                config.queue_timeout,
+                config.max_calls_per_backend,
+                config.attempts,
+            )
+        };
+        let queue_until = started + queue_timeout;
         let wait_until = deadline.map_or(queue_until, |d| d.min(queue_until));
-        let cap = self.config.max_calls_per_backend;
         // A refused call is sent again at most once.
         let mut replayed = false;
         let mut tried = Tried::new();
         let mut last = String::from("no backend is ready");
-        for attempt in 0..self.config.attempts {
+        for attempt in 0..attempts {
             let picked = match self.backends.pick(&self.balancer, &tried, cap) {
                 Some(guard) => Ok(guard),
                 None => {

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
 use crate::backend::BackendSet;
-use crate::balance::Balancer;
+use crate::balance::{Balance, Balancer};
 use crate::connect::TcpConnect;
 use crate::metrics as m;
 use crate::tls::Tls;
@@ -70,7 +71,8 @@ pub struct H2Config {
 /// The h2-mode proxy, shared by every connection.
 #[derive(Debug)]
 pub struct H2Proxy {
-    config: H2Config,
+    /// A reload may replace it: new connections and calls take the new one.
+    config: ArcSwap<H2Config>,
     backends: Arc<BackendSet>,
     balancer: Balancer,
     /// Backend connections, one pool per data-path thread: a call uses its own thread's.
@@ -83,6 +85,16 @@ pub struct H2Proxy {
     methods: Methods,
     /// Where each call's line goes, if anywhere.
     access_log: Option<Arc<AccessLog>>,
+}
+
+/// The backend connections' part of `config`.
+fn pool_config(config: &H2Config) -> PoolConfig {
+    PoolConfig {
+        connect_timeout: config.connect_timeout,
+        stream_window: config.stream_window,
+        connection_window: config.connection_window,
+        max_header_list_size: config.max_header_list_size,
+    }
 }
 
 /// What the first bytes of a connection say.
@@ -155,12 +167,7 @@ impl H2Proxy {
         balancer: Balancer,
         threads: usize,
     ) -> Self {
-        let pool = PoolConfig {
-            connect_timeout: config.connect_timeout,
-            stream_window: config.stream_window,
-            connection_window: config.connection_window,
-            max_header_list_size: config.max_header_list_size,
-        };
+        let pool = pool_config(&config);
         let pools = (0..threads.max(1))
             .map(|_| Pool::new(pool, TcpConnect))
             .collect();
@@ -171,11 +178,22 @@ impl H2Proxy {
             methods: Methods::new(threads, METHOD_LIMIT),
             access_log: None,
             in_flight: InFlight::new(config.max_calls),
-            config,
+            config: ArcSwap::from_pointee(config),
             backends,
             balancer,
             pools,
         }
+    }
+
+    /// New limits, timeouts and balance (a reload): the stream limits and windows apply to
+    /// connections opened from now on, the rest to calls that come next.
+    pub fn reconfigure(&self, config: H2Config, balance: Balance) {
+        for pool in &self.pools {
+            pool.reconfigure(pool_config(&config));
+        }
+        self.in_flight.set_max(config.max_calls);
+        self.config.store(Arc::new(config));
+        self.balancer.set_kind(balance);
     }
 
     /// Writes a line for every call to `log`.
@@ -244,11 +262,14 @@ impl H2Proxy {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let mut builder = h2::server::Builder::new();
-        builder
-            .max_concurrent_streams(self.config.max_concurrent_streams)
-            .max_header_list_size(self.config.max_header_list_size)
-            .initial_window_size(self.config.stream_window)
-            .initial_connection_window_size(self.config.connection_window);
+        {
+            let config = self.config.load();
+            builder
+                .max_concurrent_streams(config.max_concurrent_streams)
+                .max_header_list_size(config.max_header_list_size)
+                .initial_window_size(config.stream_window)
+                .initial_connection_window_size(config.connection_window);
+        }
         // Boxed: the handshake's state would otherwise widen every connection's task for
         // its whole life, although it is done with after the first round trip.
         let handshake = tokio::time::timeout(

@@ -78,7 +78,8 @@ impl Slot {
 /// Connections to every backend, opened through `C` (TCP but in tests).
 #[derive(Debug)]
 pub struct Pool<C = TcpConnect> {
-    config: PoolConfig,
+    /// Read at each connect; a reload may replace it (open connections keep theirs).
+    config: std::sync::Mutex<PoolConfig>,
     connector: C,
     /// One slot per backend, by backend id (an address can come back as another backend).
     /// Made on a backend's first call; read on every call, so a plain read lock.
@@ -93,10 +94,15 @@ impl<C: Connect> Pool<C> {
     /// An empty pool; backends get their slot on first use.
     pub fn new(config: PoolConfig, connector: C) -> Self {
         Self {
-            config,
+            config: std::sync::Mutex::new(config),
             connector,
             slots: RwLock::default(),
         }
+    }
+
+    /// Settings for the connections opened from now on.
+    pub fn reconfigure(&self, config: PoolConfig) {
+        *self.config.lock().unwrap_or_else(PoisonError::into_inner) = config;
     }
 
     /// `backend`'s slot, made on first use. Slots of backends that left the set go then
@@ -149,12 +155,13 @@ impl<C: Connect> Pool<C> {
     }
 
     async fn connect(&self, set: &BackendSet, backend: &Backend) -> Result<Conn, PoolError> {
+        let config = *self.config.lock().unwrap_or_else(PoisonError::into_inner);
         let stream =
-            connect::connect(&self.connector, set, backend, self.config.connect_timeout).await?;
+            connect::connect(&self.connector, set, backend, config.connect_timeout).await?;
         let handshake = Builder::new()
-            .initial_window_size(self.config.stream_window)
-            .initial_connection_window_size(self.config.connection_window)
-            .max_header_list_size(self.config.max_header_list_size)
+            .initial_window_size(config.stream_window)
+            .initial_connection_window_size(config.connection_window)
+            .max_header_list_size(config.max_header_list_size)
             // Streams beyond the backend's limit wait in h2's queue for a free one.
             .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
             .max_send_buffer_size(MAX_SEND_BUFFER)

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use metrics::{counter, histogram};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -101,9 +102,14 @@ impl Probe {
 }
 
 /// Checks every backend of `set`, following its membership: a backend that joins gets its
-/// own checking task, one that leaves ends its own. Returns once `stop` is cancelled and
-/// every checking task has ended.
-pub async fn run(set: Arc<BackendSet>, config: HealthConfig, stop: CancellationToken) {
+/// own checking task, one that leaves ends its own. Each check follows the settings
+/// `config` holds at the time (a reload may change them). Returns once `stop` is cancelled
+/// and every checking task has ended.
+pub async fn run(
+    set: Arc<BackendSet>,
+    config: watch::Receiver<HealthConfig>,
+    stop: CancellationToken,
+) {
     let mut members = set.membership();
     let mut checked: HashSet<u64> = HashSet::new();
     let tasks = TaskTracker::new();
@@ -134,12 +140,22 @@ pub async fn run(set: Arc<BackendSet>, config: HealthConfig, stop: CancellationT
 async fn check_loop(
     backend: Arc<Backend>,
     set: Arc<BackendSet>,
-    config: HealthConfig,
+    mut settings: watch::Receiver<HealthConfig>,
     stop: CancellationToken,
 ) {
+    let mut config = settings.borrow().clone();
     let mut probe = Probe::new(&config.kind, backend.addr());
-    let kind = config.kind.to_string();
+    let mut kind = config.kind.to_string();
     loop {
+        let changed = *settings.borrow_and_update() != config;
+        if changed {
+            let next = settings.borrow().clone();
+            if next.kind != config.kind {
+                probe = Probe::new(&next.kind, backend.addr());
+                kind = next.kind.to_string();
+            }
+            config = next;
+        }
         let (health, _) = backend.check_pace();
         // A worker that is not running, or one the supervisor is draining, has nothing to
         // tell a check.
@@ -172,6 +188,8 @@ async fn check_loop(
             () = backend.retired() => return,
             () = tokio::time::sleep(pause + jitter) => {}
             () = backend.recheck_requested() => {}
+            // New settings: check at once under them.
+            Ok(()) = settings.changed() => {}
         }
     }
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use metrics::counter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, ConnectionRecord, Record};
 use crate::backend::{ActiveGuard, Backend, BackendSet, Tried};
-use crate::balance::Balancer;
+use crate::balance::{Balance, Balancer};
 use crate::connect::{self, ConnectError};
 pub use crate::connect::{Connect, TcpConnect};
 use crate::metrics as m;
@@ -142,8 +143,8 @@ pub struct Transfer {
 /// The l4 proxy: shared by every connection task.
 #[derive(Debug)]
 pub struct L4Proxy<C = TcpConnect> {
-    /// Timeouts and attempts.
-    config: L4Config,
+    /// Timeouts and attempts; a reload may replace them (connections under way keep theirs).
+    config: ArcSwap<L4Config>,
     /// Where connections may go.
     backends: Arc<BackendSet>,
     /// How one is picked.
@@ -163,12 +164,18 @@ impl<C: Connect> L4Proxy<C> {
         connector: C,
     ) -> Self {
         Self {
-            config,
+            config: ArcSwap::from_pointee(config),
             backends,
             balancer,
             connector,
             access_log: None,
         }
+    }
+
+    /// New timeouts, attempts and balance for the connections that come next (a reload).
+    pub fn reconfigure(&self, config: L4Config, balance: Balance) {
+        self.config.store(Arc::new(config));
+        self.balancer.set_kind(balance);
     }
 
     /// Serves one client connection, logging and counting how it ended.
@@ -260,7 +267,7 @@ impl<C: Connect> L4Proxy<C> {
         let mut server = Tracked::new(server, &activity, &received);
         let copied = tokio::select! {
             r = copy_both_ways(&mut client, &mut server) => r.map(|()| End::Closed),
-            () = activity.idle_for(self.config.idle_timeout) => Ok(End::Idle),
+            () = activity.idle_for(self.config.load().idle_timeout) => Ok(End::Idle),
             () = abort.cancelled() => Ok(End::Aborted),
         };
         client.report();
@@ -290,8 +297,8 @@ impl<C: Connect> L4Proxy<C> {
     async fn connect(&self) -> Result<(C::Stream, ActiveGuard), L4Error> {
         let mut tried = Tried::new();
         let mut last = String::from("no backend to try");
-        let until = Instant::now() + self.config.queue_timeout;
-        for attempt in 0..self.config.connect_attempts {
+        let until = Instant::now() + self.config.load().queue_timeout;
+        for attempt in 0..self.config.load().connect_attempts {
             // Counted while connecting too, so concurrent picks already see the load.
             let guard = match self
                 .backends
@@ -309,14 +316,8 @@ impl<C: Connect> L4Proxy<C> {
             if attempt > 0 {
                 counter!(m::CONNECT_RETRIES).increment(1);
             }
-            match connect::connect(
-                &self.connector,
-                &self.backends,
-                backend,
-                self.config.connect_timeout,
-            )
-            .await
-            {
+            let timeout = self.config.load().connect_timeout;
+            match connect::connect(&self.connector, &self.backends, backend, timeout).await {
                 Ok(stream) => return Ok((stream, guard)),
                 // Out of descriptors or ports here: no backend is at fault, so none is
                 // ejected and no other is tried; this client waits for better times.

@@ -101,6 +101,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use metrics::counter;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -162,6 +163,8 @@ pub struct Supervisor {
     replacing: Arc<Semaphore>,
     /// Set while a rolling restart runs, so a second request does not start another.
     rolling: Arc<AtomicBool>,
+    /// The settings the next processes start with.
+    settings: Arc<ArcSwap<WorkersConfig>>,
     /// Keeps the platform's process control alive (the Job Object on Windows).
     _guard: Arc<platform::Guard>,
 }
@@ -208,7 +211,8 @@ impl Supervisor {
         ports: &[WorkerPorts],
     ) -> Result<Self, SupervisorError> {
         let guard = Arc::new(platform::Guard::new().map_err(SupervisorError::Platform)?);
-        let config = Arc::new(config);
+        let settings = Arc::new(ArcSwap::from_pointee(config));
+        let config = settings.load_full();
         let stop = CancellationToken::new();
         let (crash_tx, crashes) = mpsc::channel(1);
         let mut tasks = JoinSet::new();
@@ -237,6 +241,7 @@ impl Supervisor {
                 index,
                 ports,
                 config: Arc::clone(&config),
+                settings: Arc::clone(&settings),
                 set: Arc::clone(set),
                 backend: Arc::clone(backend),
                 guard: Arc::clone(&guard),
@@ -256,8 +261,16 @@ impl Supervisor {
             set: Arc::clone(set),
             replacing,
             rolling: Arc::new(AtomicBool::new(false)),
+            settings,
             _guard: guard,
         })
+    }
+
+    /// Settings for the processes started from now on (a reload): each worker's next
+    /// start or replacement uses them. The count and the crash-loop verdict's settings
+    /// stay as they were started.
+    pub fn update(&self, config: WorkersConfig) {
+        self.settings.store(Arc::new(config));
     }
 
     /// The crash-loop reports (once; later calls get a receiver that never fires).

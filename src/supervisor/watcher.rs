@@ -14,6 +14,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use metrics::{Gauge, counter, gauge};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -102,7 +103,10 @@ pub(super) struct Watcher {
     pub(super) index: WorkerIndex,
     /// Its ports; `current` is the running process's.
     pub(super) ports: WorkerPorts,
+    /// The settings of the running process.
     pub(super) config: Arc<WorkersConfig>,
+    /// The settings for the next process, which a reload may change.
+    pub(super) settings: Arc<ArcSwap<WorkersConfig>>,
     /// Where its backends live: a replacement is added, a replaced process removed.
     pub(super) set: Arc<BackendSet>,
     /// The backend of the running process.
@@ -171,6 +175,7 @@ impl Watcher {
         let mut restarts = 0u64;
         let mut first = true;
         while !self.stop.is_cancelled() {
+            self.config = self.settings.load_full();
             if !first {
                 restarts += 1;
                 WorkerMetrics::restarted(self.index, Reason::Exited);
@@ -373,6 +378,7 @@ impl Watcher {
     /// Replaces the running process `old` without a moment of lower capacity (see the
     /// module's documentation).
     async fn surge(&mut self, old: &mut Child, restarts: u64, reason: Reason) -> Surge {
+        self.config = self.settings.load_full();
         let port = match self.spare_port() {
             Ok(p) => p,
             Err(why) => return Surge::Failed(why),

@@ -295,6 +295,15 @@ impl Proxy {
         Self::spawn(portshare(), args)
     }
 
+    /// Starts portshare with `--config file` plus `args` and nothing else on the command
+    /// line, so every key in the file can be reloaded; the file must set `listen` and
+    /// `admin` (port 0 is fine) and `log_format = "json"`.
+    pub fn start_file(file: &Path, args: &[&str]) -> Proxy {
+        let mut cmd = portshare();
+        cmd.arg("--config").arg(file);
+        Self::launch(cmd, args)
+    }
+
     /// Like [`Proxy::start`], with extra environment variables.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let mut cmd = portshare();
@@ -311,15 +320,19 @@ impl Proxy {
     }
 
     fn spawn(mut cmd: Command, args: &[&str]) -> Proxy {
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ]);
+        Self::launch(cmd, args)
+    }
+
+    fn launch(mut cmd: Command, args: &[&str]) -> Proxy {
         let mut child = cmd
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ])
             .args(args)
             .env("PORTSHARE_LOG", "info,portshare=debug")
             .stdin(Stdio::null())
