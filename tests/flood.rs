@@ -27,6 +27,8 @@ async fn echo_backend() -> SocketAddr {
             let mut s = match listener.accept().await {
                 Ok((s, _)) => s,
                 Err(_) => {
+                    // Backing off a failed accept (EMFILE while the flood holds the
+                    // descriptors), as a server does; no wait for anything.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }

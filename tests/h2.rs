@@ -196,7 +196,11 @@ fn a_rolling_restart_loses_no_call_of_a_steady_channel() {
         "--pause-ms",
         "2",
     ]);
-    std::thread::sleep(Duration::from_millis(500));
+    eventually(
+        Duration::from_secs(20),
+        "the steady client is calling",
+        || proxy.worker_calls("Unary") >= 10,
+    );
     support::signal(proxy.pid(), "HUP");
     eventually(
         Duration::from_secs(60),

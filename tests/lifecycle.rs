@@ -273,11 +273,12 @@ fn rolling_restart_under_load(mode: &str, n: usize, ask: Ask) {
     };
     let steady = client(&[]);
     let fresh = client(&["--fresh-channels", "--pause-ms", "20"]);
-    // Both clients are making calls before the restart begins.
+    // Both clients are making calls before the restart begins: the fresh-channel client has
+    // opened its second connection (so its first call is answered), and calls flow.
     eventually(Duration::from_secs(20), "the clients are calling", || {
-        proxy.metric("portshare_connections_accepted_total") >= 2.0
+        proxy.metric("portshare_connections_accepted_total") >= 3.0
+            && proxy.worker_calls("Unary") >= 10
     });
-    std::thread::sleep(Duration::from_millis(300));
     let admin = proxy.admin.to_string();
     let command = match ask {
         #[cfg(unix)]
@@ -317,7 +318,20 @@ fn rolling_restart_under_load(mode: &str, n: usize, ask: Ask) {
             "{what}: {out}"
         );
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Calls go on to the new processes before the clients stop: the fresh-channel client
+    // opens new connections, and more calls begin, after the restart is done.
+    let (accepted, calls) = (
+        proxy.metric("portshare_connections_accepted_total"),
+        proxy.worker_calls("Unary"),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "calls after the rolling restart",
+        || {
+            proxy.metric("portshare_connections_accepted_total") >= accepted + 2.0
+                && proxy.worker_calls("Unary") >= calls + 10
+        },
+    );
     std::fs::write(&stop_file, b"").expect("stop file");
     let results = [
         ("one channel", support::client_result(steady)),

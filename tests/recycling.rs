@@ -88,7 +88,9 @@ fn a_hung_worker_is_replaced_and_killed() {
             args.push("--fresh-channels");
         }
         let steady = support::client_spawn(&args);
-        std::thread::sleep(Duration::from_millis(500));
+        eventually(Duration::from_secs(20), "the client is calling", || {
+            proxy.worker_calls("Unary") >= 5
+        });
         support::signal(hung as u32, "STOP");
         eventually(Duration::from_secs(30), "worker 0 replaced", || {
             let w = proxy.worker_entry(0);

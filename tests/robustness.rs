@@ -163,7 +163,9 @@ fn running_out_of_file_descriptors_is_survived() {
         .status()
         .is_err()
     {
-        eprintln!("prlimit (util-linux) is not installed; skipping");
+        eprintln!(
+            "SKIPPED: prlimit (util-linux) is not installed; running out of descriptors is not tested"
+        );
         return;
     }
     let workers = Worker::start_many(&["fd"]);
