@@ -45,97 +45,193 @@ pub enum Command {
     },
 }
 
-/// Options; each one overrides the `PORTSHARE_*` variable and the config-file key of the same name.
-#[derive(Debug, Clone, Default, Args)]
-pub struct Opts {
-    /// TOML configuration file (see config/portshare.toml for every key).
-    #[arg(long, global = true, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// `listen` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "ADDR", help = keys::help("listen"))]
-    pub listen: Option<String>,
-    /// `mode` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "l4|h2", help = keys::help("mode"))]
-    pub mode: Option<String>,
-    /// `backends` (the text is the keys table's).
-    #[arg(long = "backend", global = true, value_name = "ADDR", help = keys::help("backends"))]
-    pub backends: Vec<String>,
-    /// `balance` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "least-conn|round-robin|p2c", help = keys::help("balance"))]
-    pub balance: Option<String>,
-    /// `admin` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "ADDR", help = keys::help("admin"))]
-    pub admin: Option<String>,
-    /// `max_connections` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "N", help = keys::help("max_connections"))]
-    pub max_connections: Option<u64>,
-    /// `drain_timeout` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "DURATION", help = keys::help("drain_timeout"))]
-    pub drain_timeout: Option<String>,
-    /// `connect_timeout` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "DURATION", help = keys::help("connect_timeout"))]
-    pub connect_timeout: Option<String>,
-    /// `connect_attempts` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "N", help = keys::help("connect_attempts"))]
-    pub connect_attempts: Option<u64>,
-    /// `idle_timeout` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "DURATION", help = keys::help("idle_timeout"))]
-    pub idle_timeout: Option<String>,
-    /// `queue_timeout` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "DURATION", help = keys::help("queue_timeout"))]
-    pub queue_timeout: Option<String>,
-    /// `h2.max_calls_per_backend` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "N", help = keys::help("h2.max_calls_per_backend"))]
-    pub max_calls_per_backend: Option<u64>,
-    /// `health.check` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "tcp|grpc", help = keys::help("health.check"))]
-    pub health: Option<String>,
-    /// `health.service` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "NAME", help = keys::help("health.service"))]
-    pub health_service: Option<String>,
-    /// `workers.count` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "N|auto", help = keys::help("workers.count"))]
-    pub workers: Option<String>,
-    /// `workers.port_base` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "P", help = keys::help("workers.port_base"))]
-    pub worker_port_base: Option<u64>,
-    /// `workers.hang_timeout` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "DURATION", help = keys::help("workers.hang_timeout"))]
-    pub worker_hang_timeout: Option<String>,
-    /// `workers.max_calls` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "N", help = keys::help("workers.max_calls"))]
-    pub worker_max_calls: Option<u64>,
-    /// `workers.max_lifetime` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "DURATION", help = keys::help("workers.max_lifetime"))]
-    pub worker_max_lifetime: Option<String>,
-    /// `workers.max_memory` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "SIZE", help = keys::help("workers.max_memory"))]
-    pub worker_max_memory: Option<String>,
-    /// `workers.command` (the text is the keys table's).
-    #[arg(last = true, global = true, value_name = "COMMAND", help = keys::help("workers.command"))]
-    pub command: Vec<String>,
-    /// `tls.cert` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "FILE", help = keys::help("tls.cert"))]
-    pub tls_cert: Option<String>,
-    /// `tls.key` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "FILE", help = keys::help("tls.key"))]
-    pub tls_key: Option<String>,
-    /// `tls.client_ca` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "FILE", help = keys::help("tls.client_ca"))]
-    pub tls_client_ca: Option<String>,
-    /// `log_format` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "text|json", help = keys::help("log_format"))]
-    pub log_format: Option<String>,
-    /// `access_log` (the text is the keys table's).
-    #[arg(long, global = true, value_name = "off|stdout|stderr|PATH", help = keys::help("access_log"))]
-    pub access_log: Option<String>,
+/// A key's value as its flag gave it, for the layering to put over the file and the
+/// environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Given<'a> {
+    /// Text, read by the key's own parser (`30s`, `h2`, `auto`).
+    Text(&'a str),
+    /// A number clap has already read.
+    Number(u64),
+    /// A list (`--backend` repeated, the command after `--`).
+    List(&'a [String]),
+}
+
+/// A flag field's value, if it was given.
+trait GivenFlag {
+    fn given(&self) -> Option<Given<'_>>;
+}
+
+impl GivenFlag for Option<String> {
+    fn given(&self) -> Option<Given<'_>> {
+        self.as_deref().map(Given::Text)
+    }
+}
+
+impl GivenFlag for Option<u64> {
+    fn given(&self) -> Option<Given<'_>> {
+        self.map(Given::Number)
+    }
+}
+
+impl GivenFlag for Vec<String> {
+    fn given(&self) -> Option<Given<'_>> {
+        (!self.is_empty()).then_some(Given::List(self))
+    }
+}
+
+/// Declares [`Opts`] from one line per key flag, `field: Type = "key"`: the field, its
+/// flag (long name, placeholder and `--help` from the keys table's entry for the key),
+/// and [`Opts::given`], which is how the layering learns the key a flag sets. A key's flag
+/// is thus written once, in the keys table, and tied to its key once, here.
+macro_rules! key_flags {
+    ($( $(#[$attr:meta])* $field:ident: $ty:ty = $key:literal, )*) => {
+        /// Options; each one overrides the `PORTSHARE_*` variable and the config-file key of
+        /// the same name.
+        #[derive(Debug, Clone, Default, Args)]
+        pub struct Opts {
+            /// TOML configuration file (see config/portshare.toml for every key).
+            #[arg(long, global = true, value_name = "FILE")]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[$attr])*
+                #[arg(
+                    long = keys::long($key),
+                    global = true,
+                    value_name = keys::placeholder($key),
+                    help = keys::help($key)
+                )]
+                pub $field: $ty,
+            )*
+        }
+
+        impl Opts {
+            /// The keys that have a flag, in the order of the fields.
+            pub const KEYS: &'static [&'static str] = &[$($key),*];
+
+            /// Each key a flag was given for, with the value given.
+            pub fn given(&self) -> Vec<(&'static str, Given<'_>)> {
+                let mut given = Vec::new();
+                $(
+                    if let Some(value) = self.$field.given() {
+                        given.push(($key, value));
+                    }
+                )*
+                given
+            }
+        }
+    };
+}
+
+key_flags! {
+    /// `listen`.
+    listen: Option<String> = "listen",
+    /// `mode`.
+    mode: Option<String> = "mode",
+    /// `backends`, one per `--backend`.
+    backends: Vec<String> = "backends",
+    /// `balance`.
+    balance: Option<String> = "balance",
+    /// `admin`.
+    admin: Option<String> = "admin",
+    /// `max_connections`.
+    max_connections: Option<u64> = "max_connections",
+    /// `drain_timeout`.
+    drain_timeout: Option<String> = "drain_timeout",
+    /// `connect_timeout`.
+    connect_timeout: Option<String> = "connect_timeout",
+    /// `connect_attempts`.
+    connect_attempts: Option<u64> = "connect_attempts",
+    /// `idle_timeout`.
+    idle_timeout: Option<String> = "idle_timeout",
+    /// `queue_timeout`.
+    queue_timeout: Option<String> = "queue_timeout",
+    /// `h2.max_calls_per_backend`.
+    max_calls_per_backend: Option<u64> = "h2.max_calls_per_backend",
+    /// `health.check`.
+    health: Option<String> = "health.check",
+    /// `health.service`.
+    health_service: Option<String> = "health.service",
+    /// `workers.count`: a number or `auto`, as text, read as the file's value is.
+    workers: Option<String> = "workers.count",
+    /// `workers.port_base`.
+    worker_port_base: Option<u64> = "workers.port_base",
+    /// `workers.hang_timeout`.
+    worker_hang_timeout: Option<String> = "workers.hang_timeout",
+    /// `workers.max_calls`.
+    worker_max_calls: Option<u64> = "workers.max_calls",
+    /// `workers.max_lifetime`.
+    worker_max_lifetime: Option<String> = "workers.max_lifetime",
+    /// `workers.max_memory`.
+    worker_max_memory: Option<String> = "workers.max_memory",
+    /// `workers.command`: everything after `--`.
+    #[arg(last = true)]
+    command: Vec<String> = "workers.command",
+    /// `tls.cert`.
+    tls_cert: Option<String> = "tls.cert",
+    /// `tls.key`.
+    tls_key: Option<String> = "tls.key",
+    /// `tls.client_ca`.
+    tls_client_ca: Option<String> = "tls.client_ca",
+    /// `log_format`.
+    log_format: Option<String> = "log_format",
+    /// `access_log`.
+    access_log: Option<String> = "access_log",
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use clap::CommandFactory;
 
     use super::*;
+
+    /// Every key the keys table gives a flag is a field of `Opts`, once, and every field's
+    /// key has a flag there (else clap would take it for a positional argument).
+    #[test]
+    fn the_flagged_keys_are_the_fields() {
+        let flagged: BTreeSet<&str> = keys::KEYS
+            .iter()
+            .filter(|k| k.flag.is_some())
+            .map(|k| k.name)
+            .collect();
+        let fields: BTreeSet<&str> = Opts::KEYS.iter().copied().collect();
+        assert_eq!(fields.len(), Opts::KEYS.len(), "a key twice in key_flags!");
+        assert_eq!(flagged, fields);
+    }
+
+    /// A flag reaches the layering under its key, with its value as given.
+    #[test]
+    fn a_flag_given_is_its_key() {
+        let cli = Cli::try_parse_from([
+            "portshare",
+            "--drain-timeout",
+            "5s",
+            "--backend",
+            "a:1",
+            "--backend",
+            "b:2",
+            "--max-connections",
+            "7",
+            "--",
+            "run",
+            "{port}",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let backends = ["a:1".to_owned(), "b:2".to_owned()];
+        let command = ["run".to_owned(), "{port}".to_owned()];
+        assert_eq!(
+            cli.opts.given(),
+            [
+                ("backends", Given::List(&backends)),
+                ("max_connections", Given::Number(7)),
+                ("drain_timeout", Given::Text("5s")),
+                ("workers.command", Given::List(&command)),
+            ]
+        );
+        assert_eq!(Opts::default().given(), []);
+    }
 
     /// Each key's flag shows the keys table's text for it.
     #[test]

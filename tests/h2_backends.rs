@@ -3,6 +3,10 @@
 //! reset, answers before the request is read, GOAWAY. A Rust HTTP/2 client drives the real
 //! binary.
 
+// A test stops at what it did not expect (unwrap/expect), and times real processes by the
+// wall clock: the library's lints against both (Cargo.toml, clippy.toml) are not meant here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod support;
 
 use std::net::SocketAddr;
@@ -20,7 +24,7 @@ use hyper::body::{Body, Frame};
 use hyper::client::conn::http2;
 use hyper::http::{HeaderMap, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::Proxy;
+use support::{Proxy, eventually_async};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -110,7 +114,8 @@ async fn serve_call(
                 let _ = respond.send_response(resp, true);
             }
             // Let the HEADERS frame go out first: h2 would otherwise drop a queued frame
-            // in favour of the reset, which a real gRPC server does not do.
+            // in favour of the reset, which a real gRPC server does not do. Part of the
+            // scripted backend's behaviour (the frames' order on the wire), not a wait.
             tokio::time::sleep(Duration::from_millis(20)).await;
             respond.send_reset(Reason::NO_ERROR);
         }
@@ -131,7 +136,7 @@ async fn serve_call(
                 let _ = send.send_trailers(trailers);
             }
             // Keep the request body alive a moment: the client may still be sending when
-            // this stream is already answered.
+            // this stream is already answered (the scripted behaviour, not a wait).
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(body);
         }
@@ -192,6 +197,7 @@ async fn call(
             if tx.send(message(&[7u8; 1000])).await.is_err() {
                 return; // the call is over; the proxy stopped reading
             }
+            // The caller's pace between messages: the stimulus.
             tokio::time::sleep(pause).await;
         }
     });
@@ -227,13 +233,18 @@ async fn call(
 }
 
 fn proxy(backends: &[&Backend], extra: &[&str]) -> Proxy {
+    proxy_env(backends, extra, &[])
+}
+
+/// [`proxy`], with `env` for portshare.
+fn proxy_env(backends: &[&Backend], extra: &[&str], env: &[(&str, &str)]) -> Proxy {
     let mut args: Vec<String> = vec!["--mode".into(), "h2".into()];
     for b in backends {
         args.extend(["--backend".to_owned(), b.addr.to_string()]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proxy::start(&refs)
+    Proxy::start_env(&refs, env)
 }
 
 /// REFUSED_STREAM means the backend never processed the call: it goes to another backend
@@ -312,13 +323,19 @@ async fn an_answer_before_the_request_ends_does_not_cost_the_backend() {
 #[tokio::test]
 async fn a_backend_goaway_moves_new_calls_to_a_fresh_connection() {
     let b = backend(Script::OneCallPerConnection).await;
-    let p = proxy(&[&b], &[]);
+    // At debug, the pool logs each backend connection's end, which is what the loop waits for.
+    let p = proxy_env(&[&b], &[], &[("PORTSHARE_LOG", "info,portshare=debug")]);
     let mut send = connect(p.addr).await;
     for i in 0..4 {
         let o = call(&mut send, 1, Duration::ZERO).await;
         assert_eq!(o.grpc.as_deref(), Some("0"), "call {i}: {o:?}");
-        // Let the GOAWAY arrive before the next call.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The GOAWAY has arrived, and closed the pool's connection, before the next call.
+        eventually_async(
+            Duration::from_secs(10),
+            "the pool's connection closed after the GOAWAY",
+            || p.log.count("backend connection closed") > i,
+        )
+        .await;
     }
     assert!(
         b.connections.load(Ordering::SeqCst) >= 4,

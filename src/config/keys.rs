@@ -23,7 +23,9 @@ pub struct Key {
     /// The key as `PORTSHARE_*` and errors name it: `health.interval` is `interval` in the
     /// file's `[health]` table and `PORTSHARE_HEALTH__INTERVAL` in the environment.
     pub name: &'static str,
-    /// The flag that sets it, with its value's placeholder, if there is one.
+    /// The flag that sets it, with its value's placeholder, if there is one: the one place
+    /// both are written (`--help`, the README and the command line's parser read them here).
+    /// `-- COMMAND ...` is the positional command after `--`.
     pub flag: Option<&'static str>,
     /// Its default.
     pub default: KeyDefault,
@@ -38,6 +40,21 @@ impl Key {
             Some((table, name)) => (Some(table), name),
             None => (None, self.name),
         }
+    }
+
+    /// The flag's long name, `listen` for `--listen ADDR`; `None` for a key without a flag,
+    /// and for the command after `--`, which is positional.
+    pub fn long(&self) -> Option<&'static str> {
+        self.flag?
+            .split_whitespace()
+            .next()?
+            .strip_prefix("--")
+            .filter(|long| !long.is_empty())
+    }
+
+    /// The placeholder of the flag's value, `ADDR` for `--listen ADDR`.
+    pub fn placeholder(&self) -> Option<&'static str> {
+        self.flag?.split_whitespace().nth(1)
     }
 
     /// The default as the README shows it.
@@ -384,6 +401,16 @@ pub fn find(name: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.name == name)
 }
 
+/// The long name of key `name`'s flag (see [`Key::long`]), for the command line's parser.
+pub fn long(name: &str) -> Option<&'static str> {
+    find(name)?.long()
+}
+
+/// The placeholder of key `name`'s flag value (see [`Key::placeholder`]).
+pub fn placeholder(name: &str) -> Option<&'static str> {
+    find(name)?.placeholder()
+}
+
 /// The `--help` text of the flag of key `name`: what it is for, and its default.
 pub fn help(name: &str) -> String {
     let Some(key) = find(name) else {
@@ -460,6 +487,14 @@ mod tests {
             "How long open connections may finish after SIGTERM [default: 30s]"
         );
         assert_eq!(default_of::<u64>("connect_attempts"), Some(3));
+        assert_eq!(
+            long("h2.max_calls_per_backend"),
+            Some("max-calls-per-backend")
+        );
+        assert_eq!(placeholder("listen"), Some("ADDR"));
+        assert_eq!(long("workers.command"), None);
+        assert_eq!(placeholder("workers.command"), Some("COMMAND"));
+        assert_eq!(long("health.interval"), None);
         assert_eq!(default_of::<String>("balance"), None);
     }
 }

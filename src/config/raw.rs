@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::value::{Check, Human, LogFormat, Mode, Percent, Size, Word};
 use super::{ConfigError, err};
 use crate::balance::Balance;
-use crate::cli::Opts;
+use crate::cli::{Given, Opts};
 use crate::supervisor::WorkerOutput;
 
 /// Environment variables with the `PORTSHARE_` prefix that are not config keys.
@@ -235,62 +235,15 @@ fn layer(
             .with_list_parse_key("workers.command")
             .source(Some(env_vars)),
     );
-    let flag = |key: &str, e: config::ConfigError| err(key, e.to_string());
-    let strings = [
-        ("listen", &opts.listen),
-        ("mode", &opts.mode),
-        ("balance", &opts.balance),
-        ("admin", &opts.admin),
-        ("drain_timeout", &opts.drain_timeout),
-        ("connect_timeout", &opts.connect_timeout),
-        ("idle_timeout", &opts.idle_timeout),
-        ("queue_timeout", &opts.queue_timeout),
-        ("workers.hang_timeout", &opts.worker_hang_timeout),
-        ("workers.max_lifetime", &opts.worker_max_lifetime),
-        ("workers.max_memory", &opts.worker_max_memory),
-        ("log_format", &opts.log_format),
-        ("access_log", &opts.access_log),
-        ("health.check", &opts.health),
-        ("tls.cert", &opts.tls_cert),
-        ("tls.key", &opts.tls_key),
-        ("tls.client_ca", &opts.tls_client_ca),
-        ("health.service", &opts.health_service),
-    ];
-    for (key, value) in strings {
-        if let Some(v) = value {
-            builder = builder
-                .set_override(key, v.as_str())
-                .map_err(|e| flag(key, e))?;
+    // The flags: each names its key (cli's `key_flags!`), and its value is read by the
+    // key's own parser like the file's and the environment's.
+    for (key, value) in opts.given() {
+        builder = match value {
+            Given::Text(text) => builder.set_override(key, text),
+            Given::Number(n) => builder.set_override(key, n),
+            Given::List(items) => builder.set_override(key, items.to_vec()),
         }
-    }
-    let numbers = [
-        ("max_connections", opts.max_connections),
-        ("connect_attempts", opts.connect_attempts),
-        ("workers.port_base", opts.worker_port_base),
-        ("workers.max_calls", opts.worker_max_calls),
-        ("h2.max_calls_per_backend", opts.max_calls_per_backend),
-    ];
-    for (key, value) in numbers {
-        if let Some(v) = value {
-            builder = builder.set_override(key, v).map_err(|e| flag(key, e))?;
-        }
-    }
-    if let Some(count) = &opts.workers {
-        builder = match count.trim().parse::<u64>() {
-            Ok(n) => builder.set_override("workers.count", n),
-            Err(_) => builder.set_override("workers.count", count.as_str()),
-        }
-        .map_err(|e| flag("workers.count", e))?;
-    }
-    if !opts.command.is_empty() {
-        builder = builder
-            .set_override("workers.command", opts.command.clone())
-            .map_err(|e| flag("workers.command", e))?;
-    }
-    if !opts.backends.is_empty() {
-        builder = builder
-            .set_override("backends", opts.backends.clone())
-            .map_err(|e| flag("backends", e))?;
+        .map_err(|e| err(key, e.to_string()))?;
     }
     let built = builder.build().map_err(from_config_crate)?;
     built.try_deserialize().map_err(from_config_crate)

@@ -171,93 +171,92 @@ impl<T: Keyword> Serialize for Word<T> {
     }
 }
 
-/// How client connections are handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Each client connection goes to one backend; bytes are copied both ways.
-    L4,
-    /// HTTP/2 is terminated and every call is balanced on its own.
-    H2,
-}
-
-impl Keyword for Mode {
-    const WHAT: &'static str = "mode";
-    const ALL: &'static [Self] = &[Mode::L4, Mode::H2];
-    fn word(self) -> &'static str {
-        match self {
-            Mode::L4 => "l4",
-            Mode::H2 => "h2",
+/// Declares an enum whose values are written as words, once: each variant with its word,
+/// and what the words name (for errors). The enum, its [`Keyword`] impl and `Display`
+/// (the word) follow from that one list.
+macro_rules! keyword_enum {
+    (
+        $(#[$attr:meta])*
+        $vis:vis enum $name:ident ($what:literal) {
+            $( $(#[$variant_attr:meta])* $variant:ident = $word:literal, )+
         }
-    }
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// For people at a terminal.
-    Text,
-    /// One JSON object a line, for log collectors in containers.
-    Json,
-}
-
-impl Keyword for LogFormat {
-    const WHAT: &'static str = "format";
-    const ALL: &'static [Self] = &[LogFormat::Text, LogFormat::Json];
-    fn word(self) -> &'static str {
-        match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
+    ) => {
+        $(#[$attr])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        $vis enum $name {
+            $( $(#[$variant_attr])* $variant, )+
         }
-    }
-}
 
-/// `[health] check`: the kind of active check, before the grpc check gets its service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    /// A TCP connect succeeds.
-    Tcp,
-    /// `grpc.health.v1.Health/Check` answers SERVING.
-    Grpc,
-}
-
-impl Keyword for Check {
-    const WHAT: &'static str = "check";
-    const ALL: &'static [Self] = &[Check::Tcp, Check::Grpc];
-    fn word(self) -> &'static str {
-        match self {
-            Check::Tcp => "tcp",
-            Check::Grpc => "grpc",
+        impl Keyword for $name {
+            const WHAT: &'static str = $what;
+            const ALL: &'static [Self] = &[$($name::$variant),+];
+            fn word(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word,)+
+                }
+            }
         }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.word())
+            }
+        }
+    };
+}
+
+/// [`Keyword`] for an enum declared in its own module with its words (`as_str`): every
+/// variant is listed once here, and a match on all of them makes the compiler say so when
+/// one is added there and not here.
+macro_rules! keyword_of {
+    ($name:ident ($what:literal): $($variant:ident),+ $(,)?) => {
+        impl Keyword for $name {
+            const WHAT: &'static str = $what;
+            const ALL: &'static [Self] = &[$($name::$variant),+];
+            fn word(self) -> &'static str {
+                self.as_str()
+            }
+        }
+
+        const _: fn($name) = |value| match value {
+            $($name::$variant)|+ => {}
+        };
+    };
+}
+
+keyword_enum! {
+    /// How client connections are handled.
+    pub enum Mode("mode") {
+        /// Each client connection goes to one backend; bytes are copied both ways.
+        L4 = "l4",
+        /// HTTP/2 is terminated and every call is balanced on its own.
+        H2 = "h2",
     }
 }
 
-impl Keyword for Balance {
-    const WHAT: &'static str = "balance";
-    const ALL: &'static [Self] = &[Balance::LeastConn, Balance::RoundRobin, Balance::P2c];
-    fn word(self) -> &'static str {
-        self.as_str()
+keyword_enum! {
+    /// How log lines are written.
+    pub enum LogFormat("format") {
+        /// For people at a terminal.
+        Text = "text",
+        /// One JSON object a line, for log collectors in containers.
+        Json = "json",
     }
 }
 
-impl Keyword for WorkerOutput {
-    const WHAT: &'static str = "output";
-    const ALL: &'static [Self] = &[WorkerOutput::Prefix, WorkerOutput::Inherit];
-    fn word(self) -> &'static str {
-        self.as_str()
+keyword_enum! {
+    /// `[health] check`: the kind of active check, before the grpc check gets its service.
+    pub enum Check("check") {
+        /// A TCP connect succeeds.
+        Tcp = "tcp",
+        /// `grpc.health.v1.Health/Check` answers SERVING.
+        Grpc = "grpc",
     }
 }
 
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.word())
-    }
-}
+keyword_of!(Balance("balance"): LeastConn, RoundRobin, P2c);
 
-impl fmt::Display for LogFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.word())
-    }
-}
+keyword_of!(WorkerOutput("output"): Prefix, Inherit);
 
 #[cfg(test)]
 mod tests {
@@ -279,10 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn words_read_back_and_errors_list_them() {
-        for b in Balance::ALL {
-            assert_eq!(Balance::from_word(b.word()), Ok(*b));
-        }
+    fn unknown_words_are_errors_that_list_the_words() {
         assert_eq!(
             Balance::from_word("random"),
             Err("unknown balance \"random\" (expected least-conn, round-robin or p2c)".into())
@@ -291,6 +287,23 @@ mod tests {
             Mode::from_word("l7"),
             Err("unknown mode \"l7\" (expected l4 or h2)".into())
         );
+    }
+
+    #[test]
+    fn every_word_reads_back_and_displays_as_itself() {
+        fn round_trip<T: Keyword + fmt::Debug>() {
+            for v in T::ALL {
+                assert_eq!(T::from_word(v.word()), Ok(*v), "{v:?}");
+            }
+        }
+        round_trip::<Mode>();
+        round_trip::<LogFormat>();
+        round_trip::<Check>();
+        round_trip::<Balance>();
+        round_trip::<WorkerOutput>();
+        assert_eq!(Mode::H2.to_string(), "h2");
+        assert_eq!(Check::Grpc.word(), "grpc");
+        assert_eq!(LogFormat::ALL, [LogFormat::Text, LogFormat::Json]);
     }
 
     #[test]

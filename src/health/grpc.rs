@@ -604,7 +604,7 @@ mod tests {
         let server = TestServer::start(|_| std::future::pending()).await;
         let mut probe = GrpcProbe::new(server.addr, "");
         let timeout = Duration::from_millis(300);
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let result = probe.check(timeout).await;
         let elapsed = started.elapsed();
         assert!(

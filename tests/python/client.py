@@ -269,6 +269,11 @@ def cmd_steady(args, stub):
         except grpc.RpcError as err:
             errors.append(f"{kind}: {err.code().name}: {err.details()}")
         made += 1
+        if args.progress_file:
+            # Replaced whole, so a reader never sees a half-written number.
+            with open(args.progress_file + ".tmp", "w") as f:
+                f.write(str(made))
+            os.replace(args.progress_file + ".tmp", args.progress_file)
         time.sleep(args.pause_ms / 1000)
     if fresh is not None:
         fresh.close()
@@ -334,6 +339,8 @@ def parse_args(argv):
                    help="a new channel (connection) for every call")
     p.add_argument("--until-file", default=None,
                    help="stop early once this path exists")
+    p.add_argument("--progress-file", default=None,
+                   help="after each call, the number of calls made so far is written here")
     p.set_defaults(run=cmd_steady)
 
     p = sub.add_parser("parallel", parents=[common])

@@ -85,6 +85,19 @@ pub fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
     }
 }
 
+/// [`eventually`] inside a tokio test: polls without blocking the runtime's thread, so the
+/// in-process servers the test runs on it keep being served meanwhile.
+pub async fn eventually_async(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Collects a child's output lines on a thread, echoing them (prefixed) for failed-test logs.
 #[derive(Clone, Default)]
 pub struct Lines(Arc<Mutex<Vec<String>>>);
@@ -454,6 +467,20 @@ impl Proxy {
             .into_iter()
             .find(|b| b["worker"].as_u64() == Some(index))
             .expect("worker listed")
+    }
+
+    /// Calls of `method` (any method for "") that the spawned workers have begun, from the
+    /// `CALL <method> <peer>` lines of their output: what tests wait on to know a client's
+    /// calls are flowing.
+    pub fn worker_calls(&self, method: &str) -> usize {
+        let needle = format!("CALL {method}");
+        self.log
+            .all()
+            .iter()
+            .filter_map(|l| l.strip_prefix("[worker "))
+            .filter_map(|l| l.split_once("] ").map(|(_, text)| text))
+            .filter(|text| text.starts_with(&needle))
+            .count()
     }
 
     /// Lines of spawned worker `index`'s output (without the `[worker N] ` prefix).
