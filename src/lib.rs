@@ -230,12 +230,12 @@ pub async fn run(
     let mut workers = config
         .workers
         .clone()
-        .map(|w| supervisor::Supervisor::start(w, &backends, &ports))
+        .map(|w| supervisor::Supervisor::start(w, &backends, &ports, shutdown.background()))
         .transpose()?;
     // Stops the background tasks: health checks, TLS file watching, metrics upkeep, the
     // drains of backends a reload removed.
-    let background_stop = CancellationToken::new();
-    let background = tokio_util::task::TaskTracker::new();
+    let background_stop = shutdown.finish_token();
+    let background = shutdown.background().clone();
     if let Some(handle) = &prometheus {
         background.spawn(metrics::upkeep(handle.clone(), background_stop.clone()));
     }
@@ -249,8 +249,7 @@ pub async fn run(
         background.spawn(Arc::clone(t).watch(background_stop.clone()));
     }
     log_bound("proxy", &listeners.proxy);
-    let admin_stop = CancellationToken::new();
-    let admin = listeners.admin.map(|l| {
+    if let Some(l) = listeners.admin {
         log_bound("admin", &l);
         let state = admin::AdminState {
             backends: Arc::clone(&backends),
@@ -259,8 +258,13 @@ pub async fn run(
             restart: workers.is_some().then(|| control_tx.clone()),
             control: control_tx.clone(),
         };
-        tokio::spawn(admin::serve(l, state, admin_stop.clone()))
-    });
+        background.spawn(admin::serve(
+            l,
+            state,
+            shutdown.finish_token(),
+            background.clone(),
+        ));
+    }
     tracing::info!(
         mode = %config.mode,
         balance = %config.balance,
@@ -417,13 +421,8 @@ pub async fn run(
         tracing::info!("stopping workers");
         w.stop().await;
     }
-    background_stop.cancel();
-    background.close();
-    background.wait().await;
-    admin_stop.cancel();
-    if let Some(task) = admin {
-        let _ = task.await;
-    }
+    // Last, the admin listener, the checks and the rest of the background work.
+    shutdown.finish().await;
     match crash {
         Some(c) => Err(Error::CrashLoop(c)),
         None => Ok(()),

@@ -107,6 +107,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, BackendSet, Health, WorkerIndex};
 use crate::metrics as m;
@@ -165,6 +166,8 @@ pub struct Supervisor {
     rolling: Arc<AtomicBool>,
     /// The settings the next processes start with.
     settings: Arc<ArcSwap<WorkersConfig>>,
+    /// Where rolling restarts run.
+    background: TaskTracker,
     /// Keeps the platform's process control alive (the Job Object on Windows).
     _guard: Arc<platform::Guard>,
 }
@@ -205,10 +208,12 @@ pub enum RestartOutcome {
 impl Supervisor {
     /// Starts one watcher per backend of `set` that has a worker index, listening on
     /// `ports[index]`; each spawns its worker at once.
+    /// Rolling restarts and the workers' output relays run on `tasks`.
     pub fn start(
         config: WorkersConfig,
         set: &Arc<BackendSet>,
         ports: &[WorkerPorts],
+        background: &TaskTracker,
     ) -> Result<Self, SupervisorError> {
         let guard = Arc::new(platform::Guard::new().map_err(SupervisorError::Platform)?);
         let settings = Arc::new(ArcSwap::from_pointee(config));
@@ -242,6 +247,7 @@ impl Supervisor {
                 ports,
                 config: Arc::clone(&config),
                 settings: Arc::clone(&settings),
+                tasks: background.clone(),
                 set: Arc::clone(set),
                 backend: Arc::clone(backend),
                 guard: Arc::clone(&guard),
@@ -262,6 +268,7 @@ impl Supervisor {
             replacing,
             rolling: Arc::new(AtomicBool::new(false)),
             settings,
+            background: background.clone(),
             _guard: guard,
         })
     }
@@ -295,7 +302,7 @@ impl Supervisor {
         let replacing = Arc::clone(&self.replacing);
         let rolling = Arc::clone(&self.rolling);
         let stop = self.stop.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let outcome = tokio::select! {
                 o = roll(&watchers, &set, &replacing) => Some(o),
                 () = stop.cancelled() => None,

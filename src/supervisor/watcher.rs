@@ -21,6 +21,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::crash::{CrashLoop, Fleet};
 use super::memory;
@@ -107,6 +108,8 @@ pub(super) struct Watcher {
     pub(super) config: Arc<WorkersConfig>,
     /// The settings for the next process, which a reload may change.
     pub(super) settings: Arc<ArcSwap<WorkersConfig>>,
+    /// Where its output relays run.
+    pub(super) tasks: TaskTracker,
     /// Where its backends live: a replacement is added, a replaced process removed.
     pub(super) set: Arc<BackendSet>,
     /// The backend of the running process.
@@ -579,10 +582,10 @@ impl Watcher {
         platform::prepare(&mut cmd);
         let mut child = self.guard.spawn(&mut cmd)?;
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(relay(out, self.index, Stream::Stdout));
+            self.tasks.spawn(relay(out, self.index, Stream::Stdout));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(relay(err, self.index, Stream::Stderr));
+            self.tasks.spawn(relay(err, self.index, Stream::Stderr));
         }
         Ok(child)
     }
