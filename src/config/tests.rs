@@ -1,6 +1,8 @@
 //! Loading and validating whole configurations: layering, defaults, errors, rendering.
 
 use super::*;
+// The flags as the command line makes them: only the tests reach back to it.
+use crate::cli::Opts;
 use std::io::Write;
 
 fn opts(backends: &[&str]) -> Opts {
