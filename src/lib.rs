@@ -76,7 +76,7 @@ use crate::balance::Balancer;
 use crate::config::{Config, Mode};
 use crate::control::{Control, Controls};
 use crate::h2::H2Proxy;
-use crate::l4::{L4Proxy, TcpConnect};
+use crate::l4::{L4Proxy, SocketConnect};
 use crate::shutdown::{Drained, Shutdown};
 use crate::threads::DataThreads;
 
@@ -162,7 +162,7 @@ fn log_bound(role: &'static str, l: &TcpListener) {
 /// open connection holds while idle, so it is kept small: the TLS path, whose stream state
 /// is kilobytes, is boxed instead of widening every plain connection's task.
 async fn l4_connection(
-    proxy: Arc<L4Proxy<TcpConnect>>,
+    proxy: Arc<L4Proxy<SocketConnect>>,
     stream: TcpStream,
     peer: SocketAddr,
     abort: CancellationToken,
@@ -210,7 +210,7 @@ pub async fn run(
                 let addr = SocketAddr::from((supervisor::WORKER_HOST, p.current));
                 BackendSpec {
                     name: addr.to_string(),
-                    addr,
+                    addr: addr.into(),
                     worker: Some(WorkerIndex(i)),
                 }
             })
@@ -290,7 +290,7 @@ pub async fn run(
                     config.l4.clone(),
                     Arc::clone(&backends),
                     balancer,
-                    TcpConnect,
+                    SocketConnect,
                 )
                 .with_access_log(access_log.clone()),
             );
@@ -416,7 +416,7 @@ mod tests {
             },
             BackendSet::empty(),
             Balancer::new(Balance::LeastConn),
-            TcpConnect,
+            SocketConnect,
         ));
         let task = l4_connection(proxy, client, addr, CancellationToken::new(), None);
         let size = std::mem::size_of_val(&task);

@@ -86,7 +86,7 @@ pub const KEYS: &[Key] = &[
         "backends",
         Some("--backend ADDR"),
         Unset(""),
-        "A backend that already runs, HOST:PORT; HOST:P1-P2 adds a port range. Repeatable. Give either backends or workers.",
+        "A backend that already runs, HOST:PORT; HOST:P1-P2 adds a port range; unix:PATH a Unix socket (Linux, macOS), unix-abstract:NAME one in Linux's abstract namespace. Repeatable. Give either backends or workers.",
     ),
     key(
         "balance",

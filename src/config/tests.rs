@@ -348,3 +348,53 @@ fn every_flag_of_the_keys_table_sets_its_key() {
         assert!(set.is_some(), "{flag} does not set {}: {written}", key.name);
     }
 }
+
+#[test]
+fn unix_socket_backends_are_kept_as_written() {
+    let given = [
+        "unix:/run/app/w0.sock",
+        "unix-abstract:app-w1",
+        "127.0.0.1:9",
+    ];
+    #[cfg(target_os = "linux")]
+    {
+        let c = load(&opts(&given), &env(&[])).unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<&str> = c.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, given);
+        assert_eq!(
+            c.backends[0].addr,
+            crate::backend::BackendAddr::Unix("/run/app/w0.sock".into())
+        );
+        assert_eq!(
+            c.backends[1].addr,
+            crate::backend::BackendAddr::UnixAbstract("app-w1".into())
+        );
+        let again = load(
+            &opts(&["unix:/run/app/w0.sock", "unix:/run/app/w0.sock"]),
+            &env(&[]),
+        );
+        assert!(again.is_err_and(|e| e.to_string().starts_with("backends[1]")));
+    }
+    #[cfg(unix)]
+    {
+        let long = format!("unix:/{}", "a".repeat(200));
+        let e = load_err(&opts(&[&long]), &env(&[]));
+        assert!(e.to_string().starts_with("backends[0]"), "{e}");
+        let e = load_err(&opts(&["unix:"]), &env(&[]));
+        assert!(e.to_string().contains("no path"), "{e}");
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let e = load_err(&opts(&[given[1]]), &env(&[]));
+        assert!(e.to_string().starts_with("backends[0]"), "{e}");
+        assert!(e.to_string().contains("Linux only"), "{e}");
+    }
+    #[cfg(windows)]
+    {
+        let e = load_err(&opts(&[given[0]]), &env(&[]));
+        assert!(e.to_string().starts_with("backends[0]"), "{e}");
+        assert!(e.to_string().contains("not supported"), "{e}");
+    }
+    let e = load_err(&opts(&["unix-abstract:"]), &env(&[]));
+    assert!(e.to_string().starts_with("backends[0]"), "{e}");
+}

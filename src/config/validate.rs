@@ -85,7 +85,7 @@ impl RawConfig {
         for (i, entry) in self.backends.iter().flatten().enumerate() {
             let key = format!("backends[{i}]");
             for spec in parse_backend(&key, entry, lookup)? {
-                if !seen.insert(spec.addr) {
+                if !seen.insert(spec.addr.clone()) {
                     return Err(err(key, format!("{} is listed twice", spec.name)));
                 }
                 backends.push(spec);

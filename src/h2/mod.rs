@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access_log::AccessLog;
 use crate::backend::BackendSet;
 use crate::balance::Balancer;
-use crate::connect::TcpConnect;
+use crate::connect::SocketConnect;
 use crate::metrics as m;
 use crate::tls::Tls;
 use call::InFlight;
@@ -162,7 +162,7 @@ impl H2Proxy {
             max_header_list_size: config.max_header_list_size,
         };
         let pools = (0..threads.max(1))
-            .map(|_| Pool::new(pool, TcpConnect))
+            .map(|_| Pool::new(pool, SocketConnect))
             .collect();
         Self {
             metrics: CallMetrics {

@@ -381,7 +381,7 @@ impl Watcher {
         let fresh = self.set.add(
             BackendSpec {
                 name: addr.to_string(),
-                addr,
+                addr: addr.into(),
                 worker: Some(self.index),
             },
             Some(&self.backend),
