@@ -93,6 +93,9 @@ pub struct Opts {
     /// `workers.port_base` (the text is the keys table's).
     #[arg(long, global = true, value_name = "P", help = keys::help("workers.port_base"))]
     pub worker_port_base: Option<u64>,
+    /// `workers.socket_dir` (the text is the keys table's).
+    #[arg(long, global = true, value_name = "DIR", help = keys::help("workers.socket_dir"))]
+    pub worker_socket_dir: Option<String>,
     /// `workers.hang_timeout` (the text is the keys table's).
     #[arg(long, global = true, value_name = "DURATION", help = keys::help("workers.hang_timeout"))]
     pub worker_hang_timeout: Option<String>,

@@ -71,7 +71,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
-use crate::backend::{BackendSet, BackendSpec, WorkerIndex};
+use crate::backend::{BackendSet, WorkerIndex};
 use crate::balance::Balancer;
 use crate::config::{Config, Mode};
 use crate::control::{Control, Controls};
@@ -197,23 +197,16 @@ pub async fn run(
         .map(tls::Tls::new)
         .transpose()?
         .map(Arc::new);
-    let ports = match &config.workers {
+    let places = match &config.workers {
         None => Vec::new(),
-        Some(w) => supervisor::plan_ports(w)?,
+        Some(w) => supervisor::plan(w)?,
     };
     let specs = match &config.workers {
         None => config.backends.clone(),
-        Some(_) => ports
+        Some(_) => places
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                let addr = SocketAddr::from((supervisor::WORKER_HOST, p.current));
-                BackendSpec {
-                    name: addr.to_string(),
-                    addr: addr.into(),
-                    worker: Some(WorkerIndex(i)),
-                }
-            })
+            .map(|(i, p)| p.spec(WorkerIndex(i)))
             .collect(),
     };
     let backends = Arc::new(BackendSet::new(
@@ -224,7 +217,7 @@ pub async fn run(
     let mut workers = config
         .workers
         .clone()
-        .map(|w| supervisor::Supervisor::start(w, &backends, &ports))
+        .map(|w| supervisor::Supervisor::start(w, &backends, &places))
         .transpose()?;
     // Stops the background tasks: health checks, TLS file watching, metrics upkeep.
     let background_stop = CancellationToken::new();

@@ -157,3 +157,207 @@ fn an_abstract_namespace_backend_serves_with_grpc_checks() {
         assert_eq!(r["worker"], "a", "{r}");
     }
 }
+
+// ---- spawned workers on sockets (--worker-socket-dir) ----
+
+/// portshare spawning `n` test workers on sockets in `dir`, with `flags` before them; the
+/// workers bind `$PORTSHARE_SOCKET` unless `worker_args` says otherwise.
+fn spawned_on_sockets(n: usize, dir: &Path, flags: &[&str], worker_args: &[&str]) -> Proxy {
+    let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    args.extend([
+        "--workers".to_owned(),
+        n.to_string(),
+        "--worker-socket-dir".to_owned(),
+        dir.display().to_string(),
+        "--".to_owned(),
+        support::python().display().to_string(),
+        support::python_dir()
+            .join("worker.py")
+            .display()
+            .to_string(),
+    ]);
+    args.extend(worker_args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proxy::start(&refs)
+}
+
+/// The socket files portshare's workers have in `dir`, by name, sorted.
+fn worker_sockets(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("worker-") && n.ends_with(".sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn addresses(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .backends()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+fn spawned_socket_workers_serve_and_come_back_after_kill_9(mode: &str) {
+    use std::os::unix::fs::PermissionsExt;
+
+    let root = tempfile::tempdir().expect("temp dir");
+    // Missing: portshare makes it, private.
+    let dir = root.path().join("sockets");
+    let mut proxy = spawned_on_sockets(3, &dir, &["--mode", mode, "--drain-timeout", "5s"], &[]);
+    eventually(WAIT, "all socket workers ready", || proxy.all_healthy());
+    let mode_bits = std::fs::metadata(&dir).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode_bits, 0o700);
+    let expected: Vec<String> = (0..3)
+        .map(|i| format!("unix:{}", dir.join(format!("worker-{i}-0.sock")).display()))
+        .collect();
+    assert_eq!(addresses(&proxy), expected);
+
+    let r = client(&["spread", "--target", &proxy.target(), "--channels", "30"]);
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    let names: Vec<String> = support::spread_counts(&r).into_keys().collect();
+    assert_eq!(names, ["w0", "w1", "w2"], "{r}");
+
+    // kill -9: the socket file stays behind; the worker is restarted on the same path.
+    let victim = proxy.worker_entry(1)["pid"].as_u64().expect("pid") as u32;
+    support::signal(victim, "KILL");
+    eventually(WAIT, "worker 1 restarted and ready", || {
+        let w = proxy.worker_entry(1);
+        w["restarts"].as_u64() >= Some(1)
+            && w["pid"].as_u64().is_some_and(|p| p as u32 != victim)
+            && proxy.all_healthy()
+    });
+    assert_eq!(addresses(&proxy), expected);
+    let r = client(&["spread", "--target", &proxy.target(), "--channels", "30"]);
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_eq!(support::spread_counts(&r).len(), 3, "{r}");
+
+    // Stopped workers leave no socket behind.
+    support::signal(proxy.pid(), "TERM");
+    let status = proxy.wait(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(worker_sockets(&dir), Vec::<String>::new());
+}
+
+mod spawned_l4 {
+    #[test]
+    fn socket_workers_serve_and_come_back_after_kill_9() {
+        super::spawned_socket_workers_serve_and_come_back_after_kill_9("l4");
+    }
+}
+
+mod spawned_h2 {
+    #[test]
+    fn socket_workers_serve_and_come_back_after_kill_9() {
+        super::spawned_socket_workers_serve_and_come_back_after_kill_9("h2");
+    }
+}
+
+/// SIGHUP under one steady client channel: each replacement starts on its own (next
+/// generation's) socket and is ready before the old process drains and goes, whose
+/// socket is then removed; no call fails. The command asks for `{socket}` itself.
+#[test]
+fn a_rolling_restart_of_socket_workers_loses_no_call() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let dir = root.path().join("sockets");
+    let proxy = spawned_on_sockets(2, &dir, &["--mode", "h2"], &["--address", "unix:{socket}"]);
+    eventually(WAIT, "socket workers ready", || proxy.all_healthy());
+    assert_eq!(worker_sockets(&dir), ["worker-0-0.sock", "worker-1-0.sock"]);
+    let steady = support::client_spawn(&[
+        "steady",
+        "--target",
+        &proxy.target(),
+        "--seconds",
+        "8",
+        "--pause-ms",
+        "2",
+    ]);
+    eventually(WAIT, "the steady client's calls arriving", || {
+        proxy
+            .backends()
+            .iter()
+            .any(|b| b["calls_served"].as_u64() > Some(0))
+    });
+    support::signal(proxy.pid(), "HUP");
+    eventually(
+        Duration::from_secs(60),
+        "the rolling restart is done",
+        || proxy.log.contains("rolling restart done"),
+    );
+    let expected: Vec<String> = (0..2)
+        .map(|i| format!("unix:{}", dir.join(format!("worker-{i}-1.sock")).display()))
+        .collect();
+    eventually(WAIT, "both workers on their next sockets", || {
+        addresses(&proxy) == expected && proxy.all_healthy()
+    });
+    eventually(WAIT, "the old sockets removed", || {
+        worker_sockets(&dir) == ["worker-0-1.sock", "worker-1-1.sock"]
+    });
+    let r = support::client_result(steady);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    assert!(r["calls"].as_u64() > Some(0), "{r}");
+}
+
+/// Sockets a previous run left behind (killed with it) are removed at start; nothing
+/// else in the directory is touched.
+#[test]
+fn stale_sockets_in_the_directory_are_removed_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixListener;
+
+    let root = tempfile::tempdir().expect("temp dir");
+    let dir = root.path().join("sockets");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    // A bound-then-dropped listener leaves its file: a stale socket nobody listens on.
+    for stale in ["worker-0-0.sock", "worker-5-12.sock"] {
+        drop(UnixListener::bind(dir.join(stale)).expect("bind"));
+    }
+    std::fs::write(dir.join("keep.txt"), b"mine").expect("write");
+    let proxy = spawned_on_sockets(1, &dir, &[], &[]);
+    eventually(WAIT, "the worker ready", || proxy.all_healthy());
+    assert!(proxy.log.contains("removed a stale worker socket"));
+    assert_eq!(worker_sockets(&dir), ["worker-0-0.sock"]);
+    assert!(dir.join("keep.txt").exists());
+    unary_ok(&proxy.target());
+}
+
+/// A directory others can write to is refused before any worker starts: someone could
+/// put a socket of theirs in a worker's place.
+#[test]
+fn a_socket_directory_others_can_write_to_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let root = tempfile::tempdir().expect("temp dir");
+    let dir = root.path().join("shared");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let worker = support::python_dir().join("worker.py");
+    let (code, _, err) = run_portshare(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--worker-socket-dir",
+            &dir.display().to_string(),
+            "--",
+            &support::python().display().to_string(),
+            &worker.display().to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("workers.socket_dir") && last.contains("others can write"),
+        "{err}"
+    );
+    assert_eq!(worker_sockets(&dir), Vec::<String>::new());
+}

@@ -140,6 +140,8 @@ pub struct RawWorkers {
     pub command: Option<Vec<String>>,
     /// First worker port; 0 = free ports.
     pub port_base: Option<u64>,
+    /// Unix sockets in this directory instead of ports.
+    pub socket_dir: Option<String>,
     /// Extra environment.
     pub env: Option<BTreeMap<String, String>>,
     /// Working directory.
@@ -248,6 +250,7 @@ fn layer(
         ("workers.hang_timeout", &opts.worker_hang_timeout),
         ("workers.max_lifetime", &opts.worker_max_lifetime),
         ("workers.max_memory", &opts.worker_max_memory),
+        ("workers.socket_dir", &opts.worker_socket_dir),
         ("log_format", &opts.log_format),
         ("access_log", &opts.access_log),
         ("health.check", &opts.health),

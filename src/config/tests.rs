@@ -238,6 +238,8 @@ fn check_prints_the_keys_of_the_keys_table() {
         tls_key: Some("key.pem".into()),
         tls_client_ca: Some("ca.pem".into()),
         worker_max_memory: Some("1GiB".into()),
+        // Windows has no worker sockets; the key is listed for it below.
+        worker_socket_dir: cfg!(unix).then(|| "/tmp/portshare-sockets".into()),
         ..Opts::default()
     };
     let e = env(&[("PORTSHARE_WORKERS__CWD", "/tmp")]);
@@ -249,6 +251,9 @@ fn check_prints_the_keys_of_the_keys_table() {
             toml::Value::Table(t) => printed.extend(t.keys().map(|name| format!("{k}.{name}"))),
             _ => printed.push(k.clone()),
         }
+    }
+    if cfg!(windows) {
+        printed.push("workers.socket_dir".to_owned());
     }
     printed.sort();
     let mut table: Vec<String> = keys::KEYS.iter().map(|k| k.name.to_owned()).collect();
@@ -397,4 +402,51 @@ fn unix_socket_backends_are_kept_as_written() {
     }
     let e = load_err(&opts(&["unix-abstract:"]), &env(&[]));
     assert!(e.to_string().starts_with("backends[0]"), "{e}");
+}
+
+#[test]
+fn workers_on_sockets_need_no_port_and_no_port_placeholder() {
+    let o = Opts {
+        workers: Some("2".into()),
+        worker_socket_dir: Some("run/sockets".into()),
+        command: vec!["python".into(), "server.py".into()],
+        ..Opts::default()
+    };
+    #[cfg(unix)]
+    {
+        // No port plan is needed, so a listen port of 0 is fine.
+        let c = load(&o, &env(&[("PORTSHARE_LISTEN", "127.0.0.1:0")]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let w = c.workers.clone().expect("workers");
+        let dir = w.socket_dir.expect("a socket dir");
+        assert!(dir.is_absolute() && dir.ends_with("run/sockets"), "{dir:?}");
+        let text = c.to_toml();
+        assert!(text.contains("socket_dir = "), "{text}");
+
+        let with_port = Opts {
+            command: vec!["python".into(), "--port".into(), "{port}".into()],
+            ..o.clone()
+        };
+        let e = load_err(&with_port, &env(&[]));
+        assert!(e.to_string().starts_with("workers.command"), "{e}");
+        let long = Opts {
+            worker_socket_dir: Some(format!("/{}", "d".repeat(120))),
+            ..o.clone()
+        };
+        let e = load_err(&long, &env(&[]));
+        assert!(e.to_string().starts_with("workers.socket_dir"), "{e}");
+    }
+    #[cfg(windows)]
+    {
+        let e = load_err(&o, &env(&[]));
+        assert!(e.to_string().starts_with("workers.socket_dir"), "{e}");
+    }
+    let socket_without_dir = Opts {
+        worker_socket_dir: None,
+        worker_port_base: Some(0),
+        command: vec!["python".into(), "{socket}".into()],
+        ..o
+    };
+    let e = load_err(&socket_without_dir, &env(&[]));
+    assert!(e.to_string().starts_with("workers.command"), "{e}");
 }
