@@ -236,7 +236,7 @@ pub const KEYS: &[Key] = &[
         "health.check",
         Some("--health tcp|grpc"),
         Text("tcp"),
-        "Active health check of every backend: a TCP connect, or grpc.health.v1.Health/Check answering SERVING.",
+        "Active health check of every backend: a connect (TCP, or to its Unix socket), or grpc.health.v1.Health/Check answering SERVING.",
     ),
     key(
         "health.service",
