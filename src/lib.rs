@@ -24,8 +24,8 @@
 //!   Trailers-Only answers, the `grpc.health.v1` messages.
 //! - [`health`]: active checks (TCP, `grpc.health.v1`) of every backend, following the set's
 //!   membership, reporting to each backend's state.
-//! - [`supervisor`]: spawned workers: port plan, start, restart, surge replacement, drain and
-//!   stop, crash loops.
+//! - [`supervisor`]: spawned workers: port plan or socket directory, start, restart, surge
+//!   replacement, drain and stop, crash loops.
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`metrics`]: metric names, described once; the Prometheus recorder.
 //! - [`access_log`]: one line per call (h2) or connection (l4), written off the data path.

@@ -47,7 +47,9 @@ pub fn remove_socket(path: &Path) {
 
 /// Makes `dir` ready for the workers' sockets: created (mode 0700) when missing, refused
 /// when it is not a directory, belongs to another user or others can write to it; then
-/// the socket files a previous run left behind are removed.
+/// the socket files a previous run left behind are removed. A socket of ours that still
+/// answers is not stale: another portshare (or its workers) serves from the directory, and
+/// that is refused rather than taken from under it.
 #[cfg(unix)]
 pub fn prepare_dir(dir: &Path) -> Result<(), SupervisorError> {
     use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -96,6 +98,12 @@ pub fn prepare_dir(dir: &Path) -> Result<(), SupervisorError> {
         let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
         if is_ours(name) && is_socket {
             let path = entry.path();
+            // A connect to a Unix socket is answered at once, listener or not.
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(fail(format!(
+                    "{name} is in use: another portshare, or workers it left running, serve from this directory; stop them or use another directory"
+                )));
+            }
             std::fs::remove_file(&path)
                 .map_err(|e| fail(format!("cannot remove the stale socket {name}: {e}")))?;
             tracing::info!(socket = %path.display(), "removed a stale worker socket");
@@ -159,6 +167,12 @@ mod tests {
         prepare_dir(&dir).expect("prepared again");
         assert!(!stale.exists(), "a stale socket of ours is removed");
         assert!(theirs.exists() && not_a_socket.exists(), "nothing else is");
+
+        let live = UnixListener::bind(socket_path(&dir, WorkerIndex(2), 0)).expect("bind");
+        let e = prepare_dir(&dir).expect_err("a live socket");
+        assert!(e.to_string().contains("is in use"), "{e}");
+        drop(live);
+        prepare_dir(&dir).expect("stale once nobody listens");
 
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         let e = prepare_dir(&dir).expect_err("world-writable");
