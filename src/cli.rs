@@ -154,6 +154,8 @@ key_flags! {
     workers: Option<String> = "workers.count",
     /// `workers.port_base`.
     worker_port_base: Option<u64> = "workers.port_base",
+    /// `workers.socket_dir`.
+    worker_socket_dir: Option<String> = "workers.socket_dir",
     /// `workers.hang_timeout`.
     worker_hang_timeout: Option<String> = "workers.hang_timeout",
     /// `workers.max_calls`.

@@ -321,7 +321,10 @@ mod tests {
         .and_then(|raw| raw.validate_with(offline_lookup))
         .expect("a valid configuration");
         assert_eq!(c.listener.addr, SocketAddr::from(([127, 0, 0, 1], 4)));
-        assert_eq!(c.backends[0].addr, SocketAddr::from(([127, 0, 0, 1], 2)));
+        assert_eq!(
+            c.backends[0].addr,
+            SocketAddr::from(([127, 0, 0, 1], 2)).into()
+        );
     }
 
     #[test]

@@ -27,8 +27,8 @@
 //!   Trailers-Only answers, the `grpc.health.v1` messages.
 //! - [`health`]: active checks (TCP, `grpc.health.v1`) of every backend, following the set's
 //!   membership, reporting to each backend's state.
-//! - [`supervisor`]: spawned workers: port plan, start, restart, surge replacement, drain and
-//!   stop, crash loops.
+//! - [`supervisor`]: spawned workers: port plan or socket directory, start, restart, surge
+//!   replacement, drain and stop, crash loops.
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`metrics`]: metric names, described once; the Prometheus recorder.
 //! - [`access_log`]: one line per call (h2) or connection (l4), written off the data path.
@@ -75,12 +75,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
-use crate::backend::{BackendSet, BackendSpec, WorkerIndex};
+use crate::backend::{BackendSet, WorkerIndex};
 use crate::balance::Balancer;
 use crate::config::{Config, Mode};
 use crate::control::{Control, Controls};
 use crate::h2::H2Proxy;
-use crate::l4::{L4Proxy, TcpConnect};
+use crate::l4::{L4Proxy, SocketConnect};
 use crate::shutdown::{Drained, Shutdown};
 use crate::threads::DataThreads;
 
@@ -166,7 +166,7 @@ fn log_bound(role: &'static str, l: &TcpListener) {
 /// open connection holds while idle, so it is kept small: the TLS path, whose stream state
 /// is kilobytes, is boxed instead of widening every plain connection's task.
 async fn l4_connection(
-    proxy: Arc<L4Proxy<TcpConnect>>,
+    proxy: Arc<L4Proxy<SocketConnect>>,
     stream: TcpStream,
     peer: SocketAddr,
     abort: CancellationToken,
@@ -203,23 +203,16 @@ pub async fn run(
         .map(tls::Tls::new)
         .transpose()?
         .map(Arc::new);
-    let ports = match &config.workers {
+    let places = match &config.workers {
         None => Vec::new(),
-        Some(w) => supervisor::plan_ports(w)?,
+        Some(w) => supervisor::plan(w)?,
     };
     let specs = match &config.workers {
         None => config.backends.clone(),
-        Some(_) => ports
+        Some(_) => places
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                let addr = SocketAddr::from((supervisor::WORKER_HOST, p.current));
-                BackendSpec {
-                    name: addr.to_string(),
-                    addr,
-                    worker: Some(WorkerIndex(i)),
-                }
-            })
+            .map(|(i, p)| p.spec(WorkerIndex(i)))
             .collect(),
     };
     let backends = Arc::new(BackendSet::new(
@@ -230,7 +223,7 @@ pub async fn run(
     let mut workers = config
         .workers
         .clone()
-        .map(|w| supervisor::Supervisor::start(w, &backends, &ports, shutdown.background()))
+        .map(|w| supervisor::Supervisor::start(w, &backends, &places, shutdown.background()))
         .transpose()?;
     // Stops the background tasks: health checks, TLS file watching, metrics upkeep, the
     // drains of backends a reload removed.
@@ -317,7 +310,7 @@ pub async fn run(
                     config.l4.clone(),
                     Arc::clone(&backends),
                     balancer,
-                    TcpConnect,
+                    SocketConnect,
                 )
                 .with_access_log(access_log.clone()),
             );
@@ -453,7 +446,7 @@ mod tests {
             },
             BackendSet::empty(),
             Balancer::new(Balance::LeastConn),
-            TcpConnect,
+            SocketConnect,
         ));
         let task = l4_connection(proxy, client, addr, CancellationToken::new(), None);
         let size = std::mem::size_of_val(&task);

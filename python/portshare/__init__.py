@@ -27,6 +27,7 @@ from ._common import (
     ParentWatch,
     check_port_free,
     resolve_port,
+    resolve_socket,
 )
 from ._find import find_executable
 from ._sync import SyncHealth, serve, server, with_reuseport_off
@@ -48,6 +49,7 @@ __all__ = [
     "check_port_free",
     "find_executable",
     "resolve_port",
+    "resolve_socket",
     "serve",
     "serve_async",
     "server",

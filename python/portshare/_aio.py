@@ -18,11 +18,9 @@ from ._common import (
     DEFAULT_HOST,
     PARENT_POLL_INTERVAL,
     ParentWatch,
-    bind,
-    format_address,
     grace_seconds,
+    listen,
     log,
-    resolve_port,
     stop_signals,
 )
 from ._sync import ChannelOption, _serving_status, with_reuseport_off
@@ -126,13 +124,13 @@ async def serve_async(
     if handle_signals:
         signals.install()
     try:
-        bound = bind(server, host, resolve_port(port))
+        address, bound = listen(server, host, port)
         servicer = _add_health(server, health)
         await server.start()
         if servicer is not None:
             for name in ("", *health_services):
                 await servicer.set(name, _serving_status("SERVING"))
-        log.info("serving on %s", format_address(host, bound))
+        log.info("serving on %s", address)
         if on_serving is not None:
             on_serving(bound)
 

@@ -18,11 +18,9 @@ from ._common import (
     PARENT_POLL_INTERVAL,
     REUSEPORT_OFF,
     ParentWatch,
-    bind,
-    format_address,
     grace_seconds,
+    listen,
     log,
-    resolve_port,
     stop_signals,
 )
 
@@ -135,7 +133,9 @@ def serve(
     """Binds, starts and runs ``server`` as a portshare worker; returns 0 once it stopped.
 
     - Listens on ``host:port``; ``port`` defaults to ``--port N`` on the command line,
-      then ``$PORTSHARE_PORT`` (see ``resolve_port``). Raises ``BindError`` if the port is
+      then ``$PORTSHARE_PORT`` (see ``resolve_port``); or, when portshare runs its workers
+      on Unix sockets, on ``unix:$PORTSHARE_SOCKET`` (see ``resolve_socket``; ``host`` is
+      then unused, and ``on_serving`` gets port 0). Raises ``BindError`` if the port is
       taken, even by a server with SO_REUSEPORT (see ``check_port_free``); build the
       server with ``portshare.server()`` so that no later one can share it either.
     - ``health``: True registers ``grpc.health.v1`` (if grpcio-health-checking is
@@ -155,13 +155,13 @@ def serve(
     if handle_signals:
         signals.install()  # before binding: a SIGTERM at start-up must not be lost
     try:
-        bound = bind(server, host, resolve_port(port))
+        address, bound = listen(server, host, port)
         servicer = _add_health(server, health)
         server.start()
         if servicer is not None:
             for name in ("", *health_services):
                 servicer.set(name, _serving_status("SERVING"))
-        log.info("serving on %s", format_address(host, bound))
+        log.info("serving on %s", address)
         if on_serving is not None:
             on_serving(bound)
 

@@ -176,6 +176,7 @@ impl Config {
                 count: Some(RawCount::Number(w.count as u64)),
                 command: Some(w.command.clone()),
                 port_base: Some(u64::from(w.port_base)),
+                socket_dir: w.socket_dir.as_ref().map(|p| p.display().to_string()),
                 env: Some(w.env.clone()),
                 cwd: w.cwd.as_ref().map(|p| p.display().to_string()),
                 output: Some(Word(w.output)),

@@ -139,6 +139,8 @@ pub struct RawWorkers {
     pub command: Option<Vec<String>>,
     /// First worker port; 0 = free ports.
     pub port_base: Option<u64>,
+    /// Unix sockets in this directory instead of ports.
+    pub socket_dir: Option<String>,
     /// Extra environment.
     pub env: Option<BTreeMap<String, String>>,
     /// Working directory.

@@ -1,4 +1,5 @@
-//! Spawned workers: start N copies of the worker command on their own ports, watch them,
+//! Spawned workers: start N copies of the worker command on their own ports (or Unix
+//! sockets), watch them,
 //! restart the ones that exit (with jittered exponential backoff), end portshare when every
 //! worker is in a crash loop (see `crash`), and stop them cleanly (SIGTERM, then SIGKILL after
 //! a grace period).
@@ -41,11 +42,15 @@ impl WorkerOutput {
 pub struct WorkersConfig {
     /// How many run at once.
     pub count: usize,
-    /// Program and arguments; `{port}` and `{index}` are substituted in the arguments.
+    /// Program and arguments; `{port}` (or `{socket}`) and `{index}` are substituted in
+    /// the arguments.
     pub command: Vec<String>,
     /// Worker i listens on `port_base + i` and its replacement on `port_base + count + i`;
-    /// 0 means free ports picked at start.
+    /// 0 means free ports picked at start. Unused with `socket_dir`.
     pub port_base: u16,
+    /// Workers listen on Unix sockets in this directory (absolute) instead of ports:
+    /// `worker-<i>-<generation>.sock`. `None`: TCP ports.
+    pub socket_dir: Option<PathBuf>,
     /// Extra environment for every worker.
     pub env: BTreeMap<String, String>,
     /// Working directory; portshare's own when unset.
@@ -85,7 +90,9 @@ pub struct WorkersConfig {
 
 mod crash;
 mod memory;
+mod place;
 mod ports;
+mod sockets;
 #[cfg(unix)]
 mod unix;
 mod watcher;
@@ -113,7 +120,9 @@ use crate::backend::{Backend, BackendSet, Health, WorkerIndex};
 use crate::metrics as m;
 pub use crash::CrashLoop;
 use crash::Fleet;
+pub use place::{WorkerPlace, plan};
 pub use ports::{WorkerPorts, plan_ports};
+pub use sockets::socket_path;
 use watcher::{Replaced, Restart, Watcher};
 
 /// Workers listen on loopback; portshare is their only client.
@@ -141,6 +150,14 @@ pub enum SupervisorError {
     /// No free ports could be had.
     #[error("cannot pick free ports for the workers: {0}")]
     NoFreePorts(#[source] io::Error),
+    /// The socket directory cannot be used.
+    #[error("workers.socket_dir {}: {why}", dir.display())]
+    SocketDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why not.
+        why: String,
+    },
     /// The Job Object (Windows) could not be set up.
     #[error("cannot set up worker process control: {0}")]
     Platform(#[source] io::Error),
@@ -206,13 +223,13 @@ pub enum RestartOutcome {
 }
 
 impl Supervisor {
-    /// Starts one watcher per backend of `set` that has a worker index, listening on
-    /// `ports[index]`; each spawns its worker at once.
-    /// Rolling restarts and the workers' output relays run on `tasks`.
+    /// Starts one watcher per backend of `set` that has a worker index, listening at
+    /// `places[index]` (see [`plan`]); each spawns its worker at once. Rolling restarts
+    /// and the workers' output relays run on `background`.
     pub fn start(
         config: WorkersConfig,
         set: &Arc<BackendSet>,
-        ports: &[WorkerPorts],
+        places: &[WorkerPlace],
         background: &TaskTracker,
     ) -> Result<Self, SupervisorError> {
         let guard = Arc::new(platform::Guard::new().map_err(SupervisorError::Platform)?);
@@ -238,13 +255,13 @@ impl Supervisor {
             let Some(index) = backend.worker() else {
                 continue;
             };
-            let Some(ports) = ports.get(index.0).copied() else {
+            let Some(place) = places.get(index.0).cloned() else {
                 continue;
             };
             let (restart_tx, restart_rx) = mpsc::channel(1);
             let watcher = Watcher {
                 index,
-                ports,
+                place,
                 config: Arc::clone(&config),
                 settings: Arc::clone(&settings),
                 tasks: background.clone(),
