@@ -62,11 +62,12 @@ impl Method {
 /// Where a path's handles are: a slot, or `other`.
 type Place = Option<usize>;
 
-/// One thread's paths; the last one looked up is compared first, since the calls of a
-/// connection (and of a service) mostly repeat one method.
+/// One thread's paths; the last method looked up is compared first, since the calls of a
+/// connection (and of a service) mostly repeat one method. It is kept as its slot, whose
+/// handles hold the name, so switching between methods allocates nothing.
 #[derive(Debug, Default)]
 struct Cache {
-    last: Option<(Box<str>, Place)>,
+    last: Option<usize>,
     seen: HashMap<Box<str>, Place>,
 }
 
@@ -97,28 +98,28 @@ impl Methods {
     pub fn get(&self, thread: usize, path: &str) -> &Method {
         let cache = &self.caches[thread % self.caches.len()];
         let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-        let place = match &cache.last {
-            Some((last, place)) if **last == *path => *place,
-            _ => {
-                let place = match cache.seen.get(path) {
-                    Some(place) => *place,
-                    None => {
-                        let place = self.register(path);
-                        // Bounded like the registry: its methods, plus as many `other` paths.
-                        if cache.seen.len() < 2 * self.slots.len().max(1) {
-                            cache.seen.insert(path.into(), place);
-                        }
-                        place
-                    }
-                };
-                cache.last = Some((path.into(), place));
+        if let Some(method) = cache.last.and_then(|i| self.method(i))
+            && *method.name == *path
+        {
+            return method;
+        }
+        let place = match cache.seen.get(path) {
+            Some(place) => *place,
+            None => {
+                let place = self.register(path);
+                // Bounded like the registry: its methods, plus as many `other` paths.
+                if cache.seen.len() < 2 * self.slots.len().max(1) {
+                    cache.seen.insert(path.into(), place);
+                }
                 place
             }
         };
-        place
-            .and_then(|i| self.slots.get(i))
-            .and_then(OnceLock::get)
-            .unwrap_or(&self.other)
+        cache.last = place;
+        place.and_then(|i| self.method(i)).unwrap_or(&self.other)
+    }
+
+    fn method(&self, slot: usize) -> Option<&Method> {
+        self.slots.get(slot).and_then(OnceLock::get)
     }
 
     fn register(&self, path: &str) -> Place {
@@ -154,6 +155,16 @@ mod tests {
         assert_eq!(methods.get(0, "/a.S/Three").name(), OTHER);
         let long = format!("/{}", "x".repeat(MAX_METHOD_LEN));
         assert_eq!(Methods::new(1, 10).get(0, &long).name(), OTHER);
+    }
+
+    #[test]
+    fn alternating_methods_each_get_their_own_handles() {
+        let methods = Methods::new(1, 10);
+        for _ in 0..3 {
+            assert_eq!(methods.get(0, "/a.S/One").name(), "/a.S/One");
+            assert_eq!(methods.get(0, "/a.S/Two").name(), "/a.S/Two");
+            assert_eq!(methods.get(0, "/a.S/Two").name(), "/a.S/Two");
+        }
     }
 
     #[test]
