@@ -16,8 +16,9 @@ for path in (HERE, os.path.join(HERE, "..", "..", "python")):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import portshare  # noqa: E402
 from worker import MAX_MESSAGE, EchoWorker, services  # noqa: E402
+
+import portshare  # noqa: E402
 
 
 def main():
