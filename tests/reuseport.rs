@@ -11,10 +11,15 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
-use support::{Proxy, client, eventually, python, python_dir, run_portshare, spread_counts};
+use support::{
+    Proxy, client, client_result, client_spawn, eventually, python, python_dir, run_portshare,
+    spread_counts,
+};
 
 /// The helper-based test worker: its own port from `PORTSHARE_PORT`, the shared address
 /// from `PORTSHARE_SHARED_ADDR`.
@@ -27,6 +32,11 @@ fn worker_command() -> Vec<String> {
 
 /// portshare in reuseport mode with `n` helper workers on free private ports.
 fn start(n: usize, flags: &[&str]) -> Proxy {
+    start_env(n, flags, &[])
+}
+
+/// [`start`] with environment variables for portshare.
+fn start_env(n: usize, flags: &[&str], env: &[(&str, &str)]) -> Proxy {
     let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
     args.extend(
         [
@@ -42,7 +52,7 @@ fn start(n: usize, flags: &[&str]) -> Proxy {
     );
     args.extend(worker_command());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proxy::start(&refs)
+    Proxy::start_env(&refs, env)
 }
 
 /// `spread` calls, each on a fresh connection straight to the workers' shared port.
@@ -203,4 +213,121 @@ fn reuseport_with_static_backends_is_a_one_line_config_error() {
     assert!(err.contains("mode"), "{err}");
     assert!(err.contains("spawned workers"), "{err}");
     assert!(err.contains("l4 and h2"), "{err}");
+}
+
+/// Set (to 1) in the environment of this test binary when it runs again inside a network
+/// namespace of its own; the test that needs one runs only then.
+const IN_NETNS: &str = "REUSEPORT_TEST_NETNS";
+
+/// Inside the new user and network namespace: loopback up and `tcp_migrate_req` on, for
+/// that namespace only (the machine's own setting is never touched); then the test binary.
+const NETNS_SETUP: &str = "PATH=\"$PATH:/usr/sbin:/sbin\" ip link set lo up && echo 1 > /proc/sys/net/ipv4/tcp_migrate_req && exec \"$@\"";
+
+/// A SIGHUP rolling restart under steady load from fresh connections fails no call when
+/// the kernel moves a stopping worker's queued connections to the others
+/// (`net.ipv4.tcp_migrate_req=1`). Runs the scenario inside `unshare -rn`, where this
+/// test may set that sysctl; skipped where unprivileged namespaces are not allowed.
+#[test]
+fn a_rolling_restart_under_load_fails_no_call_with_tcp_migrate_req() {
+    python(); // the venv is made (once) out here, with the network
+    let usable = Command::new("unshare")
+        .args(["-rn", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable {
+        eprintln!("skipped: no unprivileged user and network namespaces (unshare -rn) here");
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let status = Command::new("unshare")
+        .args(["-rn", "sh", "-c", NETNS_SETUP, "sh"])
+        .arg(exe)
+        .args([
+            "--exact",
+            "rolling_restart_in_a_namespace_with_migration",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(IN_NETNS, "1")
+        .status()
+        .expect("run unshare");
+    assert!(
+        status.success(),
+        "the run in the namespace failed: {status}"
+    );
+}
+
+/// The part of the test above that runs inside the namespace.
+#[test]
+#[ignore = "run by a_rolling_restart_under_load_fails_no_call_with_tcp_migrate_req, in a network namespace"]
+fn rolling_restart_in_a_namespace_with_migration() {
+    if std::env::var(IN_NETNS).as_deref() != Ok("1") {
+        eprintln!("skipped: only inside the namespace its caller makes");
+        return;
+    }
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+            .expect("tcp_migrate_req")
+            .trim(),
+        "1"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stop_file = dir.path().join("stop");
+    let progress_file = dir.path().join("progress");
+    let proxy = start_env(2, &[], &[("PORTSHARE_WORKERS__STOP_GRACE", "5s")]);
+    eventually(Duration::from_secs(60), "workers ready", || {
+        proxy.all_healthy()
+    });
+    assert!(
+        proxy
+            .log
+            .contains("a stopping worker's queued connections move")
+    );
+    assert!(!proxy.log.contains("tcp_migrate_req is 0"));
+    let old = proxy.pids();
+    let made = |path: &Path| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let target = proxy.target();
+    let client = client_spawn(&[
+        "steady",
+        "--target",
+        &target,
+        "--seconds",
+        "120",
+        "--fresh-channels",
+        "--pause-ms",
+        "10",
+        "--until-file",
+        stop_file.to_str().expect("utf-8"),
+        "--progress-file",
+        progress_file.to_str().expect("utf-8"),
+    ]);
+    eventually(Duration::from_secs(20), "the client is calling", || {
+        made(&progress_file) >= 5
+    });
+    support::signal(proxy.pid(), "HUP");
+    eventually(
+        Duration::from_secs(120),
+        "the rolling restart is done",
+        || proxy.log.contains("rolling restart done"),
+    );
+    let at_done = made(&progress_file);
+    eventually(
+        Duration::from_secs(30),
+        "calls after the rolling restart",
+        || made(&progress_file) >= at_done + 20,
+    );
+    std::fs::write(&stop_file, b"").expect("stop file");
+    let r = client_result(client);
+    no_errors(&r);
+    assert!(r["calls"].as_u64().is_some_and(|n| n > 40), "{r}");
+    let new = proxy.pids();
+    assert_eq!(new.len(), 2, "{new:?}");
+    assert!(new.iter().all(|p| !old.contains(p)), "{old:?} -> {new:?}");
 }
