@@ -162,6 +162,9 @@ impl RawConfig {
             "stderr" => Some(access_log::Target::Stderr),
             path => Some(access_log::Target::File(path.into())),
         };
+        if mode == Mode::Reuseport {
+            reuseport_sees_no_calls(access_log.is_some(), workers.as_ref())?;
+        }
         let queue_timeout = duration("queue_timeout", &self.queue_timeout)?;
         let h2 = self.h2.clone().unwrap_or_default().validate(
             connect_timeout,
@@ -219,6 +222,27 @@ fn reuseport_fits(spawned: bool, tls: Option<&RawTls>) -> Result<(), ConfigError
         return Err(err(
             "mode",
             "reuseport leaves the connections to the workers, so portshare cannot terminate TLS ([tls]); let the workers do it, or use l4 or h2",
+        ));
+    }
+    Ok(())
+}
+
+/// In reuseport mode portshare never sees a call or a client connection, so what counts
+/// them would silently do nothing: refused instead, naming the key.
+fn reuseport_sees_no_calls(
+    access_log: bool,
+    workers: Option<&WorkersConfig>,
+) -> Result<(), ConfigError> {
+    if access_log {
+        return Err(err(
+            "access_log",
+            "reuseport mode: the calls go to the workers, not through portshare, so there is nothing to log; turn it off (the workers log their own calls)",
+        ));
+    }
+    if workers.is_some_and(|w| w.max_calls.is_some()) {
+        return Err(err(
+            "workers.max_calls",
+            "reuseport mode: portshare sees no calls to count; recycle by workers.max_lifetime or workers.max_memory instead",
         ));
     }
     Ok(())
