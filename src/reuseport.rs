@@ -103,14 +103,19 @@ fn set_reuse_port(_socket: &Socket) -> io::Result<()> {
     ))
 }
 
-/// Whether a TCP connect to `addr` (its loopback for a wildcard address) is answered.
+/// Whether a TCP connect to `addr` is answered; for a wildcard address, on loopback, and
+/// for `[::]` (which takes IPv4 too) on both families' loopback.
 fn listens(addr: SocketAddr) -> bool {
-    let ip = match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
+    let ips: Vec<IpAddr> = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into()],
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            vec![Ipv6Addr::LOCALHOST.into(), Ipv4Addr::LOCALHOST.into()]
+        }
+        ip => vec![ip],
     };
-    TcpStream::connect_timeout(&SocketAddr::new(ip, addr.port()), PROBE_TIMEOUT).is_ok()
+    ips.iter().any(|ip| {
+        TcpStream::connect_timeout(&SocketAddr::new(*ip, addr.port()), PROBE_TIMEOUT).is_ok()
+    })
 }
 
 /// What `net.ipv4.tcp_migrate_req` says, as read from `text` (the sysctl file).
@@ -191,6 +196,13 @@ mod tests {
         // And now that something listens, holding the address again is refused.
         assert!(matches!(
             SharedPort::hold(addr),
+            Err(SharedError::Taken { .. })
+        ));
+        // [::] takes IPv4 too: an IPv4 listener on the port is found (by its loopback).
+        let wildcard = SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port()));
+        assert!(listens(wildcard));
+        assert!(matches!(
+            SharedPort::hold(wildcard),
             Err(SharedError::Taken { .. })
         ));
     }
