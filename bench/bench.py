@@ -70,16 +70,23 @@ CALLS = {
 # Calls sent before measuring: opens the proxy's backend connections and warms caches.
 WARMUP = {"bench_backend": 2000, "python": 400}
 
-ALL_TARGETS = ["direct", "portshare-l4", "portshare-h2", "haproxy-tcp", "haproxy-h2",
-               "nginx-stream", "nginx-grpc", "reuseport"]
+# A target named with this suffix runs the same proxy configuration in front of the same
+# kind of backends listening on Unix domain sockets instead of TCP ports (HAProxy
+# `server s /path`, nginx `server unix:/path`, portshare `--backend unix:/path`).
+UNIX_SUFFIX = "-unix"
+TCP_PROXIES = ["portshare-l4", "portshare-h2", "haproxy-tcp", "haproxy-h2", "nginx-stream",
+               "nginx-grpc"]
+UNIX_TARGETS = [t + UNIX_SUFFIX for t in TCP_PROXIES]
+ALL_TARGETS = ["direct", *TCP_PROXIES, "reuseport", *UNIX_TARGETS]
 # With a baseline, each portshare target also runs with the baseline binary, under this
 # name and with exactly the same configuration: portshare-l4@base, portshare-h2@base.
 BASE_SUFFIX = "@base"
-BASE_TARGETS = [t + BASE_SUFFIX for t in ALL_TARGETS if t.startswith("portshare-")]
+BASE_TARGETS = [t + BASE_SUFFIX for t in TCP_PROXIES if t.startswith("portshare-")]
 # Targets that proxy; direct and reuseport have no process of their own to measure.
-PROXIES = ALL_TARGETS[1:-1] + BASE_TARGETS
-# The idle-connection test: every proxy (the brief's four plus the two HTTP/2 terminators).
-IDLE_TARGETS = PROXIES
+PROXIES = TCP_PROXIES + UNIX_TARGETS + BASE_TARGETS
+# The idle-connection test: every proxy on TCP backends (the brief's four plus the two
+# HTTP/2 terminators); an idle connection costs the same whatever the backend socket.
+IDLE_TARGETS = TCP_PROXIES + BASE_TARGETS
 
 # A run during which processes other than the harness's kept this many cores busy is
 # flagged (kernel work for our own loopback traffic counts as "other" too: about 0.1).
@@ -217,21 +224,34 @@ class BenchBackends:
 
     name = "bench_backend"
 
-    def __init__(self, tmp):
+    def __init__(self, tmp, unix_dir=None):
         self.procs = []
         self.ports = []
+        # What a proxy is given: 127.0.0.1:PORT, or unix:PATH with unix_dir.
+        self.addrs = []
+        # The Unix-socket twin of this set, for the -unix targets (see main).
+        self.unix = None
         for i in range(BACKENDS):
-            p = subprocess.Popen([BENCH_BACKEND, "--port", "0"], preexec_fn=_die_with_us,
+            if unix_dir:
+                path = os.path.join(unix_dir, f"bench_backend{i}.sock")
+                where, addr = ["--unix", path], f"unix:{path}"
+            else:
+                where, addr = ["--port", "0"], None
+            p = subprocess.Popen([BENCH_BACKEND, *where], preexec_fn=_die_with_us,
                                  stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE,
                                  stderr=open(os.path.join(tmp, f"bench_backend{i}.err"), "w"),
                                  text=True, bufsize=1)
             self.procs.append(p)
-        for p in self.procs:
+            self.addrs.append(addr)
+        for i, p in enumerate(self.procs):
             line = p.stdout.readline()
             if not line.startswith("PORT "):
                 raise RuntimeError(f"bench_backend did not report its port: {line!r}")
-            self.ports.append(int(line.split()[1]))
+            if not unix_dir:
+                self.ports.append(int(line.split()[1]))
+                self.addrs[i] = f"127.0.0.1:{self.ports[-1]}"
+
 
     def counts(self):
         out = []
@@ -271,14 +291,18 @@ class PythonWorkers:
 
     name = "python"
 
-    def __init__(self, tmp, python, tag, reuseport=False):
+    def __init__(self, tmp, python, tag, reuseport=False, unix_dir=None):
         self.procs, self.ports, self.logs, self.offsets, self.seen = [], [], [], [], []
+        self.addrs, self.unix = [], None  # as in BenchBackends
         for i in range(BACKENDS):
             errpath = os.path.join(tmp, f"{tag}{i}.err")
             if reuseport:
                 # The first one takes a free port; the others join it through SO_REUSEPORT.
                 port = self.ports[0] if self.ports else 0
                 argv = [python, REUSEPORT_WORKER, "--reuseport", "--port", str(port)]
+            elif unix_dir:
+                address = f"unix:{os.path.join(unix_dir, f'{tag}{i}.sock')}"
+                argv = [python, WORKER, "--address", address]
             else:
                 argv = [python, WORKER, "--port", "0"]
             p = subprocess.Popen(argv + ["--name", f"{tag}{i}"], preexec_fn=_die_with_us,
@@ -288,7 +312,11 @@ class PythonWorkers:
             if not line.startswith("PORT "):
                 raise RuntimeError(f"worker {tag}{i} did not start: {line!r}, see {errpath}")
             self.procs.append(p)
-            self.ports.append(int(line.split()[1]))
+            if unix_dir and not reuseport:
+                self.addrs.append(address)
+            else:
+                self.ports.append(int(line.split()[1]))
+                self.addrs.append(f"127.0.0.1:{self.ports[-1]}")
             self.logs.append(errpath)
             self.offsets.append(0)
             self.seen.append(0)
@@ -424,8 +452,9 @@ def render(template, tmp, **values):
 
 
 def config_of(target):
-    """The target whose configuration `target` runs: portshare-l4@base runs portshare-l4's."""
-    return target.removesuffix(BASE_SUFFIX)
+    """The target whose configuration `target` runs: portshare-l4@base runs portshare-l4's,
+    haproxy-tcp-unix haproxy-tcp's (with socket backends)."""
+    return target.removesuffix(BASE_SUFFIX).removesuffix(UNIX_SUFFIX)
 
 
 def build_of(target):
@@ -447,28 +476,32 @@ def label(target):
     return target
 
 
-def start_peer(target, backend_ports, tmp):
-    """Starts one proxy target in front of backend_ports; returns a Peer."""
+def start_peer(target, backend_addrs, tmp):
+    """Starts one proxy target in front of backend_addrs (127.0.0.1:PORT or unix:PATH);
+    returns a Peer."""
     port = free_port()
     listen = f"127.0.0.1:{port}"
+    config = config_of(target)
     if target.startswith("portshare-"):
         admin = free_port()
         binary = BASELINE if target.endswith(BASE_SUFFIX) else PORTSHARE
-        argv = [binary, "--listen", listen, "--mode", config_of(target).split("-")[1],
+        argv = [binary, "--listen", listen, "--mode", config.split("-")[1],
                 "--admin", f"127.0.0.1:{admin}"]
-        for p in backend_ports:
-            argv += ["--backend", f"127.0.0.1:{p}"]
+        for a in backend_addrs:
+            argv += ["--backend", a]
         return Peer(target, argv, port, tmp, admin=admin)
     if target.startswith("haproxy-"):
-        proto = " proto h2" if target == "haproxy-h2" else ""
-        servers = "\n".join(f"    server b{i} 127.0.0.1:{p}{proto}"
-                            for i, p in enumerate(backend_ports))
-        cfg = render(f"{target}.cfg", tmp, listen=listen, servers=servers)
+        proto = " proto h2" if config == "haproxy-h2" else ""
+        # HAProxy takes a Unix socket as an absolute path.
+        servers = "\n".join(f"    server b{i} {a.removeprefix('unix:')}{proto}"
+                            for i, a in enumerate(backend_addrs))
+        cfg = render(f"{config}.cfg", tmp, listen=listen, servers=servers)
         # -db: stay in the foreground (no daemon), so it is our child and dies with us.
         return Peer(target, ["haproxy", "-db", "-f", cfg], port, tmp)
     if target.startswith("nginx-"):
-        servers = "\n".join(f"        server 127.0.0.1:{p};" for p in backend_ports)
-        cfg = render(f"{target}.conf", tmp, listen=listen, servers=servers,
+        # nginx writes a Unix socket upstream as unix:PATH, as portshare does.
+        servers = "\n".join(f"        server {a};" for a in backend_addrs)
+        cfg = render(f"{config}.conf", tmp, listen=listen, servers=servers,
                      stream_module=NGINX_STREAM_MODULE)
         for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             os.makedirs(os.path.join(tmp, d), exist_ok=True)
@@ -571,6 +604,8 @@ def measure(bset, reuse, target, workload, round_no, tmp, reqfile, calls, warmup
             quiet):
     """One run of one workload against one target; returns a result dict."""
     wname, conns, streams = workload
+    if target.endswith(UNIX_SUFFIX):
+        bset = bset.unix
     counted = reuse if target == "reuseport" else bset
     res = {"set": bset.name, "target": target, "workload": wname, "round": round_no,
            "calls": calls, "notes": []}
@@ -582,7 +617,7 @@ def measure(bset, reuse, target, workload, round_no, tmp, reqfile, calls, warmup
     elif target == "reuseport":
         port = reuse.ports[0]
     else:
-        peer = start_peer(target, bset.ports, tmp)
+        peer = start_peer(target, bset.addrs, tmp)
         port = peer.port
     try:
         w = h2load(port, max(warmup, conns * streams), conns, streams, reqfile, None, timeout)
@@ -649,7 +684,7 @@ def measure(bset, reuse, target, workload, round_no, tmp, reqfile, calls, warmup
             res["peak_rss_mib"] = status_kib(pids, "VmHWM") / 1024.0 if peer.alive() else None
             res["processes"] = len(pids)
             if m0 is not None and m1 is not None:
-                check_portshare_metrics(res, target, m0, m1, calls, bset.ports)
+                check_portshare_metrics(res, target, m0, m1, calls, bset.addrs)
             if not peer.alive():
                 res["notes"].append(f"{target} died during the run: exit "
                                     f"{peer.proc.returncode}; log: {peer.log_tail(800)}")
@@ -669,10 +704,10 @@ def measure(bset, reuse, target, workload, round_no, tmp, reqfile, calls, warmup
     return res
 
 
-def check_portshare_metrics(res, target, m0, m1, calls, ports):
+def check_portshare_metrics(res, target, m0, m1, calls, addrs):
     """portshare's own view of the run: per-backend calls (h2) or connections (l4), and any
     shed, retried or failed calls and connections."""
-    keys = [f"127.0.0.1:{p}" for p in ports]
+    keys = list(addrs)  # portshare labels a backend with the name it was given
 
     def delta(name, key, where=None):
         a = metric_by(m0, name, key, where)
@@ -710,7 +745,7 @@ def measure_idle(bset, target, round_no, tmp, count, python):
     """RSS per idle connection: proxy RSS with `count` idle HTTP/2 connections held, minus
     its RSS before they were opened, divided by the count."""
     res = {"set": bset.name, "target": target, "round": round_no, "count": count, "notes": []}
-    peer = start_peer(target, bset.ports, tmp)
+    peer = start_peer(target, bset.addrs, tmp)
     holder = None
     try:
         time.sleep(0.3)  # let start-up allocations settle before the baseline
@@ -1110,13 +1145,22 @@ def main():
         set_targets = [t for t in targets if t != "reuseport" or set_name == "python"]
         targets_by_set.append((set_name, set_targets))
         reuse = None
+        unix_dir = None
+        if any(t.endswith(UNIX_SUFFIX) for t in set_targets):
+            unix_dir = os.path.join(tmp, f"sockets-{set_name}")
+            os.makedirs(unix_dir, mode=0o700, exist_ok=True)
         if set_name == "bench_backend":
             bset = BenchBackends(tmp)
+            if unix_dir:
+                bset.unix = BenchBackends(tmp, unix_dir=unix_dir)
         else:
             bset = PythonWorkers(tmp, python, "py")
+            if unix_dir:
+                bset.unix = PythonWorkers(tmp, python, "pyunix", unix_dir=unix_dir)
             if "reuseport" in set_targets:
                 reuse = PythonWorkers(tmp, python, "reuseport", reuseport=True)
         log(f"{set_name}: backends on ports {bset.ports}"
+            + (f", and on sockets {bset.unix.addrs}" if bset.unix else "")
             + (f", SO_REUSEPORT group on {reuse.ports[0]}" if reuse else ""))
         try:
             # First calls to a fresh grpcio server are slow (thread pool, lazy init); keep
@@ -1159,10 +1203,13 @@ def main():
                         log(f"{set_name} r{rnd} {target:{width}} idle x{args.idle}: "
                             f"{fmt(i.get('kib_per_conn'), 1)} KiB/conn"
                             + (f"  NOTES: {i['notes']}" if i["notes"] else ""))
-                if not bset.alive() or (reuse and not reuse.alive()):
+                if not bset.alive() or (reuse and not reuse.alive()) \
+                        or (bset.unix and not bset.unix.alive()):
                     raise RuntimeError(f"a {set_name} backend died; see {tmp}")
         finally:
             bset.stop()
+            if bset.unix:
+                bset.unix.stop()
             if reuse:
                 reuse.stop()
 

@@ -125,7 +125,7 @@ async fn start_proxy(
     let set = Arc::new(BackendSet::new(
         [BackendSpec {
             name: backend.to_string(),
-            addr: backend,
+            addr: backend.into(),
             worker: None,
         }],
         EjectionConfig {

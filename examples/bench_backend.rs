@@ -8,10 +8,12 @@
 //!
 //! ```text
 //! cargo run --release --example bench_backend -- --port 0
+//! cargo run --release --example bench_backend -- --unix /tmp/b0.sock   # Unix only
 //! ```
 //!
 //! Protocol with the harness:
-//! - stdout: `PORT <n>` once the listener is bound (loopback only).
+//! - stdout: `PORT <n>` once the listener is bound (loopback only; `PORT 0` on a Unix
+//!   socket, which replaces a stale file at the path).
 //! - stdin: each line `stats` is answered with `CALLS <n>` (replies sent since start), so the
 //!   harness can see how calls spread over backends for every proxy, not only portshare.
 //!   Stdin is used instead of a signal because it works on every platform (CI runs clippy on
@@ -37,7 +39,7 @@ use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 /// Streams allowed per client connection: the same as portshare's default, so h2load's
@@ -139,22 +141,91 @@ async fn answer(req: Request<Incoming>, calls: Arc<AtomicU64>) -> Response<Reply
     resp
 }
 
-fn parse_port() -> Result<u16, String> {
+/// Where to listen.
+enum Listen {
+    /// 127.0.0.1 and this port (0: any free one).
+    Port(u16),
+    /// A Unix domain socket at this path.
+    Unix(std::path::PathBuf),
+}
+
+fn parse_args() -> Result<Listen, String> {
     let mut args = std::env::args().skip(1);
-    let mut port = 0;
+    let mut listen = Listen::Port(0);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--port" => {
                 let v = args.next().ok_or("--port needs a value")?;
-                port = v.parse().map_err(|_| format!("bad port {v:?}"))?;
+                listen = Listen::Port(v.parse().map_err(|_| format!("bad port {v:?}"))?);
+            }
+            "--unix" => {
+                let v = args.next().ok_or("--unix needs a path")?;
+                listen = Listen::Unix(v.into());
             }
             "-h" | "--help" => {
-                return Err("usage: bench_backend [--port P]  (0 = any free port)".into());
+                return Err(
+                    "usage: bench_backend [--port P | --unix PATH]  (port 0 = any free port)"
+                        .into(),
+                );
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok(port)
+    Ok(listen)
+}
+
+/// Serves one connection's calls until it closes.
+async fn serve<S>(stream: S, calls: Arc<AtomicU64>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let calls = Arc::clone(&calls);
+        async move { Ok::<_, Infallible>(answer(req, calls).await) }
+    });
+    // Errors here are clients going away (h2load closing, a proxy's reset); nothing to
+    // report for a benchmark target.
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        // gRPC servers send no `date`; skipping it also saves a clock read per call.
+        .auto_date_header(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// Out of file descriptors and the like: keep serving the connections we have.
+async fn accept_failed(e: std::io::Error) {
+    eprintln!("bench_backend: accept: {e}");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// Accepts on a Unix socket at `path` (a stale file there is replaced) until it fails to
+/// bind; returns the exit code.
+#[cfg(unix)]
+async fn serve_unix(path: &std::path::Path, calls: Arc<AtomicU64>) -> ExitCode {
+    let _ = std::fs::remove_file(path);
+    let listener = match tokio::net::UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("bench_backend: cannot bind {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    println!("PORT 0");
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve(stream, Arc::clone(&calls)));
+            }
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn serve_unix(_path: &std::path::Path, _calls: Arc<AtomicU64>) -> ExitCode {
+    eprintln!("bench_backend: --unix needs a Unix");
+    ExitCode::from(64)
 }
 
 /// Answers `stats` lines on stdin; returns at end of stdin.
@@ -174,8 +245,18 @@ async fn stats_on_stdin(calls: Arc<AtomicU64>) {
 // The default multi-threaded runtime: one worker thread per core.
 #[tokio::main]
 async fn main() -> ExitCode {
-    let port = match parse_port() {
-        Ok(p) => p,
+    let calls = Arc::new(AtomicU64::new(0));
+    let port = match parse_args() {
+        Ok(Listen::Port(p)) => p,
+        Ok(Listen::Unix(path)) => {
+            return tokio::select! {
+                code = serve_unix(&path, Arc::clone(&calls)) => code,
+                () = stats_on_stdin(Arc::clone(&calls)) => {
+                    let _ = std::fs::remove_file(&path);
+                    ExitCode::SUCCESS
+                }
+            };
+        }
         Err(e) => {
             eprintln!("bench_backend: {e}");
             return ExitCode::from(64);
@@ -198,35 +279,18 @@ async fn main() -> ExitCode {
     };
     println!("PORT {bound}");
 
-    let calls = Arc::new(AtomicU64::new(0));
     let accept = async {
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
-                // Out of file descriptors and the like: keep serving the connections we have.
                 Err(e) => {
-                    eprintln!("bench_backend: accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    accept_failed(e).await;
                     continue;
                 }
             };
             // Small replies must leave at once, not wait for Nagle to coalesce them.
             let _ = stream.set_nodelay(true);
-            let calls = Arc::clone(&calls);
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let calls = Arc::clone(&calls);
-                    async move { Ok::<_, Infallible>(answer(req, calls).await) }
-                });
-                // Errors here are clients going away (h2load closing, a proxy's reset);
-                // nothing to report for a benchmark target.
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-                    // gRPC servers send no `date`; skipping it also saves a clock read per call.
-                    .auto_date_header(false)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            tokio::spawn(serve(stream, Arc::clone(&calls)));
         }
     };
     tokio::select! {

@@ -5,6 +5,7 @@
 #
 #   examples/demo.sh            # proxy on 127.0.0.1:21051, workers on 21052-21055
 #   DEMO_PORT=23051 examples/demo.sh
+#   DEMO_SOCKETS=1 examples/demo.sh   # workers on Unix sockets in target/demo-sockets
 #
 # Ports stay below 32768 so they never collide with the kernel's outgoing (ephemeral) ports.
 set -euo pipefail
@@ -41,8 +42,14 @@ py="$venv/bin/python"
 echo "== portshare on 127.0.0.1:$port starts $workers workers (admin on 127.0.0.1:$admin)"
 # The workers use the checkout's portshare helper (python/portshare; `pip install portshare`
 # brings the same package along with the binary).
+# DEMO_SOCKETS=1: each worker on a Unix socket of its own instead of a port (Linux, macOS).
+if [ -n "${DEMO_SOCKETS:-}" ]; then
+    place=(--worker-socket-dir "$PWD/target/demo-sockets" -- "$py" examples/python/server.py)
+else
+    place=(-- "$py" examples/python/server.py --port '{port}')
+fi
 PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" target/release/portshare --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" \
-    --workers "$workers" -- "$py" examples/python/server.py --port '{port}' &
+    --workers "$workers" "${place[@]}" &
 portshare_pid=$!
 
 # Wait (bounded: 60 s) until portshare reports every worker ready.

@@ -18,6 +18,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::BackendSet;
 use crate::backoff::Backoff;
@@ -45,8 +46,14 @@ pub struct AdminState {
     pub control: tokio::sync::mpsc::Sender<Control>,
 }
 
-/// Serves the admin endpoints until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
+/// Serves the admin endpoints until `stop` is cancelled, each connection a task on `tasks`;
+/// those in the middle of an answer finish it.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
     let state = Arc::new(state);
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
@@ -64,7 +71,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
         };
         let state = Arc::clone(&state);
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
                 async move {

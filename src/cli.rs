@@ -1,11 +1,11 @@
 //! The command line, mirroring the contract in the README: every option here is also a
 //! config-file key and a `PORTSHARE_*` variable, and overrides both.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::keys;
+use crate::config::{Flags, Given, keys};
 
 /// One listener that balances gRPC (HTTP/2) connections over worker processes.
 #[derive(Debug, Parser)]
@@ -45,16 +45,14 @@ pub enum Command {
     },
 }
 
-/// A key's value as its flag gave it, for the layering to put over the file and the
-/// environment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Given<'a> {
-    /// Text, read by the key's own parser (`30s`, `h2`, `auto`).
-    Text(&'a str),
-    /// A number clap has already read.
-    Number(u64),
-    /// A list (`--backend` repeated, the command after `--`).
-    List(&'a [String]),
+impl Flags for Opts {
+    fn file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    fn given(&self) -> Vec<(&'static str, Given<'_>)> {
+        Opts::given(self)
+    }
 }
 
 /// A flag field's value, if it was given.
@@ -156,6 +154,8 @@ key_flags! {
     workers: Option<String> = "workers.count",
     /// `workers.port_base`.
     worker_port_base: Option<u64> = "workers.port_base",
+    /// `workers.socket_dir`.
+    worker_socket_dir: Option<String> = "workers.socket_dir",
     /// `workers.hang_timeout`.
     worker_hang_timeout: Option<String> = "workers.hang_timeout",
     /// `workers.max_calls`.

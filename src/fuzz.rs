@@ -81,7 +81,7 @@ pub fn config(data: &[u8]) -> bool {
         }
     };
     let rendered = accepted.to_toml();
-    let again = config::raw_from_toml(&rendered, &Default::default(), &HashMap::new())
+    let again = config::raw_from_toml(&rendered, &crate::cli::Opts::default(), &HashMap::new())
         .and_then(|raw| raw.validate_with(offline_lookup))
         .unwrap_or_else(|e| panic!("rendered configuration refused: {e}\n{rendered}"));
     assert_eq!(again.to_toml(), rendered, "rendering is not stable");
@@ -321,7 +321,10 @@ mod tests {
         .and_then(|raw| raw.validate_with(offline_lookup))
         .expect("a valid configuration");
         assert_eq!(c.listener.addr, SocketAddr::from(([127, 0, 0, 1], 4)));
-        assert_eq!(c.backends[0].addr, SocketAddr::from(([127, 0, 0, 1], 2)));
+        assert_eq!(
+            c.backends[0].addr,
+            SocketAddr::from(([127, 0, 0, 1], 2)).into()
+        );
     }
 
     #[test]

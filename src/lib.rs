@@ -29,8 +29,8 @@
 //!   membership, reporting to each backend's state.
 //! - [`reuseport`]: reuseport mode (Linux): the public address held for the workers, which
 //!   listen on it themselves; the `tcp_migrate_req` warning.
-//! - [`supervisor`]: spawned workers: port plan, start, restart, surge replacement, drain and
-//!   stop, crash loops.
+//! - [`supervisor`]: spawned workers: port plan or socket directory, start, restart, surge
+//!   replacement, drain and stop, crash loops.
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`metrics`]: metric names, described once; the Prometheus recorder.
 //! - [`access_log`]: one line per call (h2) or connection (l4), written off the data path.
@@ -78,12 +78,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
-use crate::backend::{BackendSet, BackendSpec, WorkerIndex};
+use crate::backend::{BackendSet, WorkerIndex};
 use crate::balance::Balancer;
 use crate::config::{Config, Mode};
 use crate::control::{Control, Controls};
 use crate::h2::H2Proxy;
-use crate::l4::{L4Proxy, TcpConnect};
+use crate::l4::{L4Proxy, SocketConnect};
 use crate::shutdown::{Drained, Shutdown};
 use crate::threads::DataThreads;
 
@@ -185,7 +185,7 @@ fn log_bound(role: &'static str, l: &TcpListener) {
 /// open connection holds while idle, so it is kept small: the TLS path, whose stream state
 /// is kilobytes, is boxed instead of widening every plain connection's task.
 async fn l4_connection(
-    proxy: Arc<L4Proxy<TcpConnect>>,
+    proxy: Arc<L4Proxy<SocketConnect>>,
     stream: TcpStream,
     peer: SocketAddr,
     abort: CancellationToken,
@@ -227,23 +227,16 @@ pub async fn run(
         w.shared = Some(held.addr());
         reuseport::Migration::read().warn();
     }
-    let ports = match &config.workers {
+    let places = match &config.workers {
         None => Vec::new(),
-        Some(w) => supervisor::plan_ports(w)?,
+        Some(w) => supervisor::plan(w)?,
     };
     let specs = match &config.workers {
         None => config.backends.clone(),
-        Some(_) => ports
+        Some(_) => places
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                let addr = SocketAddr::from((supervisor::WORKER_HOST, p.current));
-                BackendSpec {
-                    name: addr.to_string(),
-                    addr,
-                    worker: Some(WorkerIndex(i)),
-                }
-            })
+            .map(|(i, p)| p.spec(WorkerIndex(i)))
             .collect(),
     };
     let backends = Arc::new(BackendSet::new(
@@ -254,12 +247,12 @@ pub async fn run(
     let mut workers = config
         .workers
         .clone()
-        .map(|w| supervisor::Supervisor::start(w, &backends, &ports))
+        .map(|w| supervisor::Supervisor::start(w, &backends, &places, shutdown.background()))
         .transpose()?;
     // Stops the background tasks: health checks, TLS file watching, metrics upkeep, the
     // drains of backends a reload removed.
-    let background_stop = CancellationToken::new();
-    let background = tokio_util::task::TaskTracker::new();
+    let background_stop = shutdown.finish_token();
+    let background = shutdown.background().clone();
     if let Some(handle) = &prometheus {
         background.spawn(metrics::upkeep(handle.clone(), background_stop.clone()));
     }
@@ -278,8 +271,7 @@ pub async fn run(
             tracing::info!(listener = "proxy", addr = %held.addr(), by = "the workers, SO_REUSEPORT", "listening")
         }
     }
-    let admin_stop = CancellationToken::new();
-    let admin = listeners.admin.map(|l| {
+    if let Some(l) = listeners.admin {
         log_bound("admin", &l);
         let state = admin::AdminState {
             backends: Arc::clone(&backends),
@@ -288,8 +280,13 @@ pub async fn run(
             restart: workers.is_some().then(|| control_tx.clone()),
             control: control_tx.clone(),
         };
-        tokio::spawn(admin::serve(l, state, admin_stop.clone()))
-    });
+        background.spawn(admin::serve(
+            l,
+            state,
+            shutdown.finish_token(),
+            background.clone(),
+        ));
+    }
     tracing::info!(
         mode = %config.mode,
         balance = %config.balance,
@@ -351,7 +348,7 @@ pub async fn run(
                     config.l4.clone(),
                     Arc::clone(&backends),
                     balancer,
-                    TcpConnect,
+                    SocketConnect,
                 )
                 .with_access_log(access_log.clone()),
             );
@@ -455,13 +452,8 @@ pub async fn run(
         tracing::info!("stopping workers");
         w.stop().await;
     }
-    background_stop.cancel();
-    background.close();
-    background.wait().await;
-    admin_stop.cancel();
-    if let Some(task) = admin {
-        let _ = task.await;
-    }
+    // Last, the admin listener, the checks and the rest of the background work.
+    shutdown.finish().await;
     match crash {
         Some(c) => Err(Error::CrashLoop(c)),
         None => Ok(()),
@@ -492,7 +484,7 @@ mod tests {
             },
             BackendSet::empty(),
             Balancer::new(Balance::LeastConn),
-            TcpConnect,
+            SocketConnect,
         ));
         let task = l4_connection(proxy, client, addr, CancellationToken::new(), None);
         let size = std::mem::size_of_val(&task);

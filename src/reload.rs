@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,11 +20,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::{Backend, BackendSet, Health};
+use crate::backend::{Backend, BackendAddr, BackendSet, Health};
 use crate::config::{Config, ConfigError};
 use crate::h2::H2Proxy;
 use crate::health::HealthConfig;
-use crate::l4::{L4Proxy, TcpConnect};
+use crate::l4::{L4Proxy, SocketConnect};
 use crate::listener::ConnectionLimit;
 use crate::metrics as m;
 use crate::supervisor::Supervisor;
@@ -58,6 +57,7 @@ const RESTART_KEYS: &[&str] = &[
     "workers.count",
     "workers.command",
     "workers.port_base",
+    "workers.socket_dir",
     "workers.crash_loop_restarts",
     "workers.crash_loop_window",
 ];
@@ -240,6 +240,7 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
             now.command.clone_from(&was.command);
             now.port_base = was.port_base;
             now.shared = was.shared;
+            now.socket_dir.clone_from(&was.socket_dir);
             now.crash_loop_restarts = was.crash_loop_restarts;
             now.crash_loop_window = was.crash_loop_window;
         }
@@ -258,7 +259,7 @@ pub(crate) struct Live {
     pub config: Config,
     pub load: Loader,
     pub backends: Arc<BackendSet>,
-    pub l4: Option<Arc<L4Proxy<TcpConnect>>>,
+    pub l4: Option<Arc<L4Proxy<SocketConnect>>>,
     pub h2: Option<Arc<H2Proxy>>,
     pub health: watch::Sender<HealthConfig>,
     pub limit: Arc<ConnectionLimit>,
@@ -339,9 +340,9 @@ impl Live {
     fn apply_backends(&self, next: &Config) {
         let now = Instant::now();
         let snapshot = self.backends.snapshot();
-        let wanted: Vec<SocketAddr> = next.backends.iter().map(|b| b.addr).collect();
+        let wanted: Vec<&BackendAddr> = next.backends.iter().map(|b| &b.addr).collect();
         for spec in &next.backends {
-            let present = snapshot.iter().find(|b| b.addr() == spec.addr);
+            let present = snapshot.iter().find(|b| *b.addr() == spec.addr);
             match present {
                 // Removed by an earlier reload and still draining: back into service.
                 Some(b) if b.health() == Health::Draining => {

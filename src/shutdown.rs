@@ -1,5 +1,6 @@
-//! Shutdown: the signals that start it, one stop token and one task tracker shared by every
-//! component, and the bounded drain that ends it.
+//! Shutdown: the signals that start it; one root token whose children stop the listeners,
+//! close the connections and end the background work; the task trackers that every spawned
+//! task is on; and the bounded drain and finish that end it.
 
 use std::io;
 use std::time::Duration;
@@ -17,15 +18,39 @@ use tokio_util::task::TaskTracker;
 /// this only covers tasks busy elsewhere).
 const ABORT_GRACE: Duration = Duration::from_secs(2);
 
+/// How long the background tasks get to end once everything else has (a worker's output
+/// still being relayed, an admin answer being written).
+const FINISH_GRACE: Duration = Duration::from_secs(2);
+
 /// The shared shutdown state: cheap to clone, one per process (or per test instance).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Shutdown {
+    /// Cancelled last, when nothing needs the background tasks any more; every other token
+    /// is its child, so cancelling it ends everything.
+    root: CancellationToken,
     /// Cancelled when shutdown begins: listeners stop accepting.
     stop: CancellationToken,
     /// Cancelled when the drain time is over (or on a second signal): open connections close.
     abort: CancellationToken,
-    /// Every connection task, so the drain can wait for them.
+    /// Every client connection's task, so the drain can wait for them (and count them).
     tracker: TaskTracker,
+    /// Every other spawned task: health checks, the admin listener and its connections,
+    /// TLS file watching, metrics upkeep, the workers' output relays, rolling restarts,
+    /// the drains of removed backends. They run until the root token is cancelled.
+    background: TaskTracker,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        let root = CancellationToken::new();
+        Self {
+            stop: root.child_token(),
+            abort: root.child_token(),
+            root,
+            tracker: TaskTracker::new(),
+            background: TaskTracker::new(),
+        }
+    }
 }
 
 /// How a drain ended.
@@ -67,6 +92,32 @@ impl Shutdown {
     /// Tracks connection tasks.
     pub fn tracker(&self) -> &TaskTracker {
         &self.tracker
+    }
+
+    /// Tracks every task that is not a client connection's.
+    pub fn background(&self) -> &TaskTracker {
+        &self.background
+    }
+
+    /// Cancelled when the background tasks must end: at [`Shutdown::finish`].
+    pub fn finish_token(&self) -> CancellationToken {
+        self.root.child_token()
+    }
+
+    /// The last step: cancels the root token, ending every background task, and waits (a
+    /// bounded time) until they have.
+    pub async fn finish(&self) {
+        self.root.cancel();
+        self.background.close();
+        if tokio::time::timeout(FINISH_GRACE, self.background.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                left = self.background.len(),
+                "background tasks still running at exit"
+            );
+        }
     }
 
     /// Waits up to `timeout` for every tracked task to finish, then closes what is left.
@@ -179,6 +230,26 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn background_work_outlives_the_drain_and_ends_at_finish() {
+        let s = Shutdown::new();
+        let token = s.finish_token();
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ended);
+        let work = token.clone();
+        s.background().spawn(async move {
+            work.cancelled().await;
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        });
+        s.begin();
+        assert_eq!(s.drain(Duration::from_secs(1)).await, Drained::Clean);
+        assert!(s.stop_token().is_cancelled() && !token.is_cancelled());
+        s.finish().await;
+        assert!(ended.load(std::sync::atomic::Ordering::Acquire));
+        assert!(s.background().is_empty());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn drain_waits_for_tasks_that_finish_in_time() {

@@ -11,7 +11,9 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::{Proxy, Worker, client, closed_port, eventually, spread_counts, unary_ok};
+use support::{
+    Proxy, Worker, client, closed_port, eventually, every_call_kind_ok, spread_counts, unary_ok,
+};
 
 fn backends_args(workers: &[Worker]) -> Vec<String> {
     workers
@@ -33,49 +35,7 @@ fn every_kind_of_call_goes_through(mode: &str) {
     let proxy = start_proxy(mode, &workers, &[]);
     let t = proxy.target();
 
-    let r = unary_ok(&t);
-    assert_eq!(r["payload_ok"], true, "{r}");
-
-    let r = client(&["server-stream", "--target", &t, "--count", "200"]);
-    assert_eq!(
-        (
-            r["code"].as_str(),
-            r["received"].as_u64(),
-            r["in_order"].as_bool()
-        ),
-        (Some("OK"), Some(200), Some(true)),
-        "{r}"
-    );
-
-    let r = client(&[
-        "client-stream",
-        "--target",
-        &t,
-        "--count",
-        "100",
-        "--payload-size",
-        "1000",
-    ]);
-    assert_eq!(
-        (
-            r["code"].as_str(),
-            r["seq"].as_u64(),
-            r["payload_ok"].as_bool()
-        ),
-        (Some("OK"), Some(100), Some(true)),
-        "{r}"
-    );
-
-    let r = client(&["bidi", "--target", &t, "--count", "10000"]);
-    assert_eq!(
-        (
-            r["code"].as_str(),
-            r["received"].as_u64(),
-            r["in_order"].as_bool()
-        ),
-        (Some("OK"), Some(10000), Some(true)),
-        "{r}"
-    );
+    every_call_kind_ok(&t);
 
     if mode == "h2" {
         // Every call is counted with its backend and gRPC status.

@@ -177,6 +177,17 @@ fn a_broken_file_changes_nothing_and_the_error_names_the_key() {
     let (_, running) = proxy.admin_get("/config");
     assert!(running.contains("balance = \"p2c\""), "{running}");
     assert!(running.contains(&workers[0].addr()), "{running}");
+    // SIGHUP takes the same path.
+    #[cfg(unix)]
+    {
+        support::signal(proxy.pid(), "HUP");
+        eventually(
+            Duration::from_secs(10),
+            "the second error is counted",
+            || proxy.try_metric("portshare_config_reloads_total{result=\"error\"}") == Some(2.0),
+        );
+        assert_eq!(calls_per_worker(&proxy, 5).get("b0"), Some(&5));
+    }
 }
 
 #[test]
@@ -315,4 +326,63 @@ fn ten_reloads_under_steady_load_fail_no_call() {
             "{what}: the third backend took calls while it was in: {r}"
         );
     }
+}
+
+/// `[workers]` settings changed in the file reach the workers at their next start: the
+/// rolling restart that follows SIGHUP's reload starts them with the new environment.
+#[cfg(unix)]
+#[test]
+fn new_worker_settings_take_effect_at_the_rolling_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let python = support::python().display().to_string();
+    let worker = support::python_dir()
+        .join("worker.py")
+        .display()
+        .to_string();
+    let script = format!(
+        "import os, sys\n\
+         print('greeting', os.environ['GREETING'], flush=True)\n\
+         os.execv(sys.executable, [sys.executable, {worker:?}, '--port', os.environ['PORTSHARE_PORT']])\n"
+    );
+    let file = dir.path().join("portshare.toml");
+    let write = |greeting: &str| {
+        let toml = format!(
+            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nlog_format = \"json\"\n\
+             [workers]\ncount = 1\nport_base = 0\ncommand = [{python:?}, \"-c\", {script:?}]\n\
+             [workers.env]\nGREETING = {greeting:?}\n"
+        );
+        std::fs::write(&file, toml).expect("write config");
+    };
+    write("hello");
+    let proxy = Proxy::start_file(&file, &[]);
+    eventually(Duration::from_secs(30), "worker ready", || {
+        proxy.all_healthy()
+    });
+    assert!(proxy.log.contains("[worker 0] greeting hello"));
+
+    write("again");
+    support::signal(proxy.pid(), "HUP");
+    eventually(
+        Duration::from_secs(60),
+        "the replacement started with the new environment",
+        || proxy.log.contains("[worker 0] greeting again"),
+    );
+    eventually(
+        Duration::from_secs(60),
+        "the rolling restart is done",
+        || proxy.log.contains("rolling restart done"),
+    );
+    assert_eq!(
+        proxy.metric("portshare_config_reloads_total{result=\"ok\"}"),
+        1.0
+    );
+    assert!(
+        proxy
+            .log
+            .all()
+            .iter()
+            .any(|l| l.contains("\"key\":\"workers.env\"") && l.contains("next start")),
+        "the reload says when workers.env applies"
+    );
+    support::unary_ok(&proxy.target());
 }

@@ -5,7 +5,8 @@
 
 Each reply carries this process's pid and port, so the client can show how portshare
 spread the calls. portshare.serve() does the rest of a worker's job: it listens on
-$PORTSHARE_PORT (or --port N) without SO_REUSEPORT, answers grpc.health.v1, and stops
+$PORTSHARE_PORT (or --port N) without SO_REUSEPORT, or on the Unix socket $PORTSHARE_SOCKET
+under --worker-socket-dir (the replies' port is then 0), answers grpc.health.v1, and stops
 gracefully on SIGTERM or Ctrl-C, or when portshare is gone.
 """
 
@@ -38,7 +39,9 @@ class Greeter(services.GreeterServicer):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format=f"pid {os.getpid()}: %(message)s")
-    port = portshare.resolve_port()
+    # On a socket portshare gave it (--worker-socket-dir), or else on its port.
+    on_socket = portshare.resolve_socket() is not None
+    port = None if on_socket else portshare.resolve_port()
     server = portshare.server()  # grpc.server(ThreadPoolExecutor(8)), SO_REUSEPORT off
-    services.add_GreeterServicer_to_server(Greeter(port), server)
+    services.add_GreeterServicer_to_server(Greeter(port or 0), server)
     sys.exit(portshare.serve(server, port, health_services=["portshare.example.Greeter"]))

@@ -30,6 +30,7 @@ from ._common import (
     check_port_free,
     resolve_port,
     resolve_shared,
+    resolve_socket,
 )
 from ._find import find_executable
 from ._sync import SyncHealth, serve, server, with_reuseport_off, with_worker_reuseport
@@ -52,6 +53,7 @@ __all__ = [
     "find_executable",
     "resolve_port",
     "resolve_shared",
+    "resolve_socket",
     "serve",
     "serve_async",
     "server",

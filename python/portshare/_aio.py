@@ -18,12 +18,10 @@ from ._common import (
     DEFAULT_HOST,
     PARENT_POLL_INTERVAL,
     ParentWatch,
-    bind,
     bind_shared,
-    format_address,
     grace_seconds,
+    listen,
     log,
-    resolve_port,
     resolve_shared,
     stop_signals,
 )
@@ -129,7 +127,7 @@ async def serve_async(
     if handle_signals:
         signals.install()
     try:
-        bound = bind(server, host, resolve_port(port))
+        address, bound = listen(server, host, port)
         shared = resolve_shared()
         if shared is not None:
             bind_shared(server, shared)
@@ -140,7 +138,7 @@ async def serve_async(
                 await servicer.set(name, _serving_status("SERVING"))
         log.info(
             "serving on %s%s",
-            format_address(host, bound),
+            address,
             "" if shared is None else f" and, shared with the other workers, {shared}",
         )
         if on_serving is not None:

@@ -1,5 +1,6 @@
-"""What the blocking and the asyncio variants share: which port and address to bind, the
-check that the port is really free, which signals mean "stop", and the parent watch."""
+"""What the blocking and the asyncio variants share: which port (or Unix socket) and
+address to bind, the check that the port is really free, which signals mean "stop", and
+the parent watch."""
 
 from __future__ import annotations
 
@@ -67,12 +68,9 @@ def resolve_port(
     """
     if port is not None:
         return _check_port(port, "port argument")
-    args = sys.argv[1:] if argv is None else argv
-    for i, arg in enumerate(args):
-        if arg == "--port" and i + 1 < len(args):
-            return _parse_port(args[i + 1], "--port")
-        if arg.startswith("--port="):
-            return _parse_port(arg.removeprefix("--port="), "--port")
+    flag = _port_flag(argv)
+    if flag is not None:
+        return _parse_port(flag, "--port")
     env = os.environ if environ is None else environ
     value = env.get("PORTSHARE_PORT")
     if value:
@@ -105,6 +103,34 @@ def reuseport_option() -> tuple[str, int]:
     """The ``grpc.so_reuseport`` option a worker's server is built with: on in portshare's
     reuseport mode (``$PORTSHARE_SHARED_ADDR`` set), off otherwise."""
     return REUSEPORT_ON if resolve_shared() is not None else REUSEPORT_OFF
+
+
+def _port_flag(argv: Sequence[str] | None) -> str | None:
+    """The value of ``--port N`` or ``--port=N`` on the command line, if given."""
+    args = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg == "--port" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--port="):
+            return arg.removeprefix("--port=")
+    return None
+
+
+def resolve_socket(
+    port: int | None = None,
+    *,
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
+    """The Unix socket path to listen on instead of a port: ``$PORTSHARE_SOCKET``, which
+    portshare sets (and ``PORTSHARE_PORT`` not) for workers it runs on sockets
+    (``--worker-socket-dir``), unless ``port`` or ``--port N`` asks for a port. ``None``:
+    listen on a port (see ``resolve_port``).
+    """
+    if port is not None or _port_flag(argv) is not None:
+        return None
+    env = os.environ if environ is None else environ
+    return env.get("PORTSHARE_SOCKET") or None
 
 
 def _parse_port(value: str, source: str) -> int:
@@ -213,6 +239,33 @@ _SHARED_HINT = (
     "the shared address needs the server built with grpc.so_reuseport on "
     "(portshare.server() does so when PORTSHARE_SHARED_ADDR is set)"
 )
+
+
+def bind_socket(server: _Server, path: str) -> str:
+    """Binds ``server`` to the Unix socket at ``path``; returns the address bound,
+    ``unix:PATH``. A failed bind becomes ``BindError``. (No check that the path is free:
+    portshare gives each worker process a path of its own, and removes stale ones.)
+    """
+    address = f"unix:{path}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise BindError(address, f"grpcio could not bind it ({exc})") from exc
+    if not bound:
+        raise BindError(address, "grpcio could not bind it")
+    return address
+
+
+def listen(server: _Server, host: str, port: int | None) -> tuple[str, int]:
+    """Binds ``server`` where it is to listen: the socket portshare gave it (see
+    ``resolve_socket``), else ``host`` and the port ``resolve_port`` finds. Returns the
+    address bound, for the log, and the port (0 on a socket), for ``on_serving``.
+    """
+    path = resolve_socket(port)
+    if path is not None:
+        return bind_socket(server, path), 0
+    bound = bind(server, host, resolve_port(port))
+    return format_address(host, bound), bound
 
 
 def stop_signals() -> list[signal.Signals]:

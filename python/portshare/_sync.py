@@ -18,12 +18,10 @@ from ._common import (
     PARENT_POLL_INTERVAL,
     REUSEPORT_OFF,
     ParentWatch,
-    bind,
     bind_shared,
-    format_address,
     grace_seconds,
+    listen,
     log,
-    resolve_port,
     resolve_shared,
     reuseport_option,
     stop_signals,
@@ -148,7 +146,9 @@ def serve(
     """Binds, starts and runs ``server`` as a portshare worker; returns 0 once it stopped.
 
     - Listens on ``host:port``; ``port`` defaults to ``--port N`` on the command line,
-      then ``$PORTSHARE_PORT`` (see ``resolve_port``). Raises ``BindError`` if the port is
+      then ``$PORTSHARE_PORT`` (see ``resolve_port``); or, when portshare runs its workers
+      on Unix sockets, on ``unix:$PORTSHARE_SOCKET`` (see ``resolve_socket``; ``host`` is
+      then unused, and ``on_serving`` gets port 0). Raises ``BindError`` if the port is
       taken, even by a server with SO_REUSEPORT (see ``check_port_free``); build the
       server with ``portshare.server()`` so that no later one can share it either.
     - In portshare's reuseport mode (``$PORTSHARE_SHARED_ADDR`` set) it also listens on
@@ -171,7 +171,7 @@ def serve(
     if handle_signals:
         signals.install()  # before binding: a SIGTERM at start-up must not be lost
     try:
-        bound = bind(server, host, resolve_port(port))
+        address, bound = listen(server, host, port)
         shared = resolve_shared()
         if shared is not None:
             bind_shared(server, shared)
@@ -182,7 +182,7 @@ def serve(
                 servicer.set(name, _serving_status("SERVING"))
         log.info(
             "serving on %s%s",
-            format_address(host, bound),
+            address,
             "" if shared is None else f" and, shared with the other workers, {shared}",
         )
         if on_serving is not None:

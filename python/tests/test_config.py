@@ -93,3 +93,13 @@ def test_python_dash_m_runs_the_executable_with_its_arguments(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 3, done.stderr
     assert done.stdout == "args: --version x y\n"
+
+
+def test_the_socket_portshare_gives_is_used_unless_a_port_is_asked_for() -> None:
+    env = {"PORTSHARE_SOCKET": "/run/app/worker-0-0.sock"}
+    assert portshare.resolve_socket(argv=[], environ=env) == "/run/app/worker-0-0.sock"
+    assert portshare.resolve_socket(7001, argv=[], environ=env) is None
+    assert portshare.resolve_socket(argv=["--port", "7002"], environ=env) is None
+    assert portshare.resolve_socket(argv=["--port=7002"], environ=env) is None
+    assert portshare.resolve_socket(argv=[], environ={"PORTSHARE_PORT": "7003"}) is None
+    assert portshare.resolve_socket(argv=[], environ={"PORTSHARE_SOCKET": ""}) is None

@@ -1,14 +1,15 @@
 //! The shared set of backends: where each one is, how many connections it carries, and
 //! whether passive ejection currently keeps it out of rotation.
 
+mod addr;
 mod queue;
 mod set;
 mod state;
 
+pub use addr::{BackendAddr, UNIX_ABSTRACT_PREFIX, UNIX_PREFIX};
 pub use set::BackendSet;
 pub use state::{CheckResult, Health, HealthState, Thresholds};
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -35,10 +36,11 @@ impl std::fmt::Display for WorkerIndex {
 /// A backend as configured: the address to connect to and the name it was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
-    /// As the user wrote it (`localhost:50052`); used in logs, metrics and `/backends`.
+    /// As the user wrote it (`localhost:50052`, `unix:/run/app/w0.sock`); used in logs,
+    /// metrics and `/backends`.
     pub name: String,
     /// Resolved once at start-up, so a slow resolver never sits on the connect path.
-    pub addr: SocketAddr,
+    pub addr: BackendAddr,
     /// The worker behind it, when portshare spawned it.
     pub worker: Option<WorkerIndex>,
 }
@@ -175,7 +177,7 @@ pub struct Backend {
 pub struct BackendStatus {
     /// As configured.
     pub name: String,
-    /// Resolved address.
+    /// Resolved address: `IP:PORT`, `unix:PATH` or `unix-abstract:NAME`.
     pub address: String,
     /// The worker's index, when spawned.
     pub worker: Option<WorkerIndex>,
@@ -339,8 +341,8 @@ impl Backend {
     }
 
     /// The address to connect to.
-    pub fn addr(&self) -> SocketAddr {
-        self.spec.addr
+    pub fn addr(&self) -> &BackendAddr {
+        &self.spec.addr
     }
 
     /// Connections proxied to it right now.
@@ -525,9 +527,9 @@ impl Drop for ActiveGuard {
 
 /// The backends one call or connection has tried, each in the incarnation it tried: a
 /// worker that refused it and was then restarted (or a backend that failed and came back)
-/// may be tried again.
+/// may be tried again. Backends are told apart by id, which is unique to each one.
 #[derive(Debug, Default)]
-pub struct Tried(Vec<(SocketAddr, u64)>);
+pub struct Tried(Vec<(u64, u64)>);
 
 impl Tried {
     /// Nothing tried yet.
@@ -538,7 +540,7 @@ impl Tried {
     /// Records that `backend` was tried.
     pub fn add(&mut self, backend: &Backend) {
         let generation = lock(&backend.state).health.generation;
-        self.0.push((backend.addr(), generation));
+        self.0.push((backend.id(), generation));
     }
 
     /// How many tries so far.
@@ -551,8 +553,8 @@ impl Tried {
         self.0.is_empty()
     }
 
-    fn has(&self, addr: SocketAddr, generation: u64) -> bool {
-        self.0.contains(&(addr, generation))
+    fn has(&self, id: u64, generation: u64) -> bool {
+        self.0.contains(&(id, generation))
     }
 }
 

@@ -359,7 +359,7 @@ fn eligible<'a>(
         }
         let (takes_traffic, is_ejected) = {
             let s = lock(&b.state);
-            if !tried.is_empty() && tried.has(b.addr(), s.health.generation) {
+            if !tried.is_empty() && tried.has(b.id(), s.health.generation) {
                 continue;
             }
             (
@@ -379,6 +379,7 @@ fn eligible<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::BackendAddr;
     use std::net::SocketAddr;
 
     const SEC: Duration = Duration::from_secs(1);
@@ -388,7 +389,7 @@ mod tests {
             let addr = SocketAddr::from(([127, 0, 0, 1], 20000 + i));
             BackendSpec {
                 name: addr.to_string(),
-                addr,
+                addr: addr.into(),
                 worker: None,
             }
         });
@@ -444,13 +445,13 @@ mod tests {
         let s = set(3);
         let now = Instant::now();
         fail(&s, 1, now);
-        let names: Vec<SocketAddr> = s
+        let names: Vec<BackendAddr> = s
             .candidates(now, &Tried::new(), None)
             .iter()
-            .map(|b| b.addr())
+            .map(|b| b.addr().clone())
             .collect();
         assert_eq!(names.len(), 2);
-        assert!(!names.contains(&s.snapshot()[1].addr()));
+        assert!(!names.contains(s.snapshot()[1].addr()));
         assert_eq!(s.usable(now + 2 * SEC), 3);
         assert_eq!(s.snapshot()[1].status(now).state, "ejected");
     }
@@ -541,13 +542,13 @@ mod tests {
                 let until = Instant::now() + 10 * SEC;
                 s.pick_or_wait(&balancer, &Tried::new(), None, until)
                     .await
-                    .map(|g| g.backend().addr())
+                    .map(|g| g.backend().addr().clone())
             })
         };
         tokio::task::yield_now().await;
         assert_eq!(s.waiting(), 1);
         s.record_check(&b, &CheckResult::Pass, Instant::now());
-        assert_eq!(waiter.await.ok(), Some(Ok(b.addr())));
+        assert_eq!(waiter.await.ok(), Some(Ok(b.addr().clone())));
         assert_eq!(s.waiting(), 0);
     }
 

@@ -1,11 +1,12 @@
 //! Addresses as written in the configuration: `HOST:PORT` (IPv6 hosts in brackets),
-//! backends' `HOST:P1-P2` port ranges, and the resolving of host names, with errors that
-//! name the key.
+//! backends' `HOST:P1-P2` port ranges and Unix sockets (`unix:PATH`, `unix-abstract:NAME`),
+//! and the resolving of host names, with errors that name the key.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 
 use super::{ConfigError, err};
-use crate::backend::BackendSpec;
+use crate::backend::{BackendAddr, BackendSpec, UNIX_ABSTRACT_PREFIX, UNIX_PREFIX};
 
 /// A port range longer than this is almost certainly a typo (`5000-50000`), and would
 /// open tens of thousands of backends.
@@ -80,13 +81,83 @@ pub(crate) fn resolve_one(
     resolve(key, s, host, port, lookup)
 }
 
-/// One `backends` entry: `HOST:PORT` or `HOST:P1-P2`.
+/// The longest Unix socket path the platform takes: `sun_path` holds 108 bytes on Linux
+/// and 104 on macOS and the BSDs, a NUL included.
+pub(crate) const MAX_SOCKET_PATH: usize = if cfg!(target_os = "linux") { 107 } else { 103 };
+
+/// Checks that a Unix socket path fits the platform's socket address.
+pub(crate) fn check_socket_path(key: &str, path: &Path) -> Result<(), ConfigError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(err(
+            key,
+            format!(
+                "the socket path {} is {len} bytes; this platform takes at most {MAX_SOCKET_PATH}",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A `unix:PATH` or `unix-abstract:NAME` backend, if `s` is one; refused where the
+/// platform has no such sockets.
+fn parse_unix_backend(key: &str, s: &str) -> Option<Result<BackendSpec, ConfigError>> {
+    let spec = |addr: BackendAddr| BackendSpec {
+        name: s.to_owned(),
+        addr,
+        worker: None,
+    };
+    if let Some(name) = s.strip_prefix(UNIX_ABSTRACT_PREFIX) {
+        if !cfg!(target_os = "linux") {
+            return Some(Err(err(
+                key,
+                format!("{s:?}: abstract-namespace sockets exist on Linux only; use unix:PATH"),
+            )));
+        }
+        if name.is_empty() {
+            return Some(Err(err(
+                key,
+                format!("{s:?}: no name after {UNIX_ABSTRACT_PREFIX}"),
+            )));
+        }
+        if name.contains('\0') {
+            return Some(Err(err(key, format!("{s:?}: the name holds a NUL byte"))));
+        }
+        if name.len() > MAX_SOCKET_PATH {
+            return Some(Err(err(
+                key,
+                format!("{s:?}: the name is longer than {MAX_SOCKET_PATH} bytes"),
+            )));
+        }
+        return Some(Ok(spec(BackendAddr::UnixAbstract(name.to_owned()))));
+    }
+    let path = s.strip_prefix(UNIX_PREFIX)?;
+    if !cfg!(unix) {
+        return Some(Err(err(
+            key,
+            format!(
+                "{s:?}: Unix domain socket backends are not supported on this platform; use HOST:PORT"
+            ),
+        )));
+    }
+    if path.is_empty() {
+        return Some(Err(err(key, format!("{s:?}: no path after {UNIX_PREFIX}"))));
+    }
+    let path = PathBuf::from(path);
+    Some(check_socket_path(key, &path).map(|()| spec(BackendAddr::Unix(path))))
+}
+
+/// One `backends` entry: `HOST:PORT`, `HOST:P1-P2`, `unix:PATH` or `unix-abstract:NAME`.
 pub(crate) fn parse_backend(
     key: &str,
     s: &str,
     lookup: Lookup,
 ) -> Result<Vec<BackendSpec>, ConfigError> {
     let s = s.trim();
+    if let Some(unix) = parse_unix_backend(key, s) {
+        return unix.map(|spec| vec![spec]);
+    }
     let (host, ports) = split_host_port(key, s)?;
     let (first, last) = match ports.split_once('-') {
         Some((a, b)) => (parse_port(key, s, a, false)?, parse_port(key, s, b, false)?),
@@ -116,7 +187,7 @@ pub(crate) fn parse_backend(
     Ok((first..=last)
         .map(|port| BackendSpec {
             name: format!("{shown_host}:{port}"),
-            addr: SocketAddr::new(base.ip(), port),
+            addr: SocketAddr::new(base.ip(), port).into(),
             worker: None,
         })
         .collect())

@@ -103,7 +103,7 @@ pub const KEYS: &[Key] = &[
         "backends",
         Some("--backend ADDR"),
         Unset(""),
-        "A backend that already runs, HOST:PORT; HOST:P1-P2 adds a port range. Repeatable. Give either backends or workers.",
+        "A backend that already runs, HOST:PORT; HOST:P1-P2 adds a port range; unix:PATH a Unix socket (Linux, macOS), unix-abstract:NAME one in Linux's abstract namespace. Repeatable. Give either backends or workers.",
     ),
     key(
         "balance",
@@ -253,7 +253,7 @@ pub const KEYS: &[Key] = &[
         "health.check",
         Some("--health tcp|grpc"),
         Text("tcp"),
-        "Active health check of every backend: a TCP connect, or grpc.health.v1.Health/Check answering SERVING.",
+        "Active health check of every backend: a connect (TCP, or to its Unix socket), or grpc.health.v1.Health/Check answering SERVING.",
     ),
     key(
         "health.service",
@@ -296,13 +296,19 @@ pub const KEYS: &[Key] = &[
         "workers.command",
         Some("-- COMMAND ARGS..."),
         Unset(""),
-        "The worker command and its arguments; {port} becomes the worker's port and {index} its number (reuseport mode: {shared}, the listen address every worker binds with SO_REUSEPORT).",
+        "The worker command and its arguments; {port} becomes the worker's port (with socket_dir: {socket} its socket path) and {index} its number (reuseport mode: {shared}, the listen address every worker binds with SO_REUSEPORT).",
     ),
     key(
         "workers.port_base",
         Some("--worker-port-base P"),
         Unset("listen port + 1"),
         "Worker i listens on P+i and its replacement in a rolling restart on P+N+i (N workers take 2N ports); 0 picks free ports.",
+    ),
+    key(
+        "workers.socket_dir",
+        Some("--worker-socket-dir DIR"),
+        Unset("off: TCP ports"),
+        "Workers listen on Unix sockets in DIR instead of ports (Linux, macOS): {socket} and PORTSHARE_SOCKET give worker i DIR/worker-<i>-<generation>.sock. DIR is made (mode 0700) when missing and refused when others can write to it.",
     ),
     key(
         "workers.cwd",

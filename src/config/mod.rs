@@ -24,7 +24,6 @@ use std::time::Duration;
 use crate::access_log;
 use crate::backend::{BackendSpec, EjectionConfig};
 use crate::balance::Balance;
-use crate::cli::Opts;
 use crate::h2::H2Config;
 use crate::health::{CheckKind, HealthConfig};
 use crate::l4::L4Config;
@@ -36,7 +35,7 @@ use addr::resolve_one;
 pub(crate) use addr::system_lookup;
 #[cfg(any(test, fuzzing))]
 pub(crate) use raw::raw_from_toml;
-pub use raw::{RawConfig, raw};
+pub use raw::{Flags, Given, RawConfig, raw};
 use raw::{RawCount, RawEjection, RawH2, RawHealth, RawTls, RawWorkers};
 use value::{Check, Human, Percent, Size, Word};
 pub use value::{LogFormat, Mode};
@@ -94,13 +93,13 @@ pub struct Config {
 
 /// Assembles and validates the configuration from the file named in `opts`, the
 /// `PORTSHARE_*` entries of `env`, and the flags in `opts`.
-pub fn load(opts: &Opts, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+pub fn load(opts: &impl Flags, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
     raw(opts, env)?.validate()
 }
 
 /// Only the admin address (for `portshare status`, which needs nothing else).
 pub fn admin_addr(
-    opts: &Opts,
+    opts: &impl Flags,
     env: &HashMap<String, String>,
 ) -> Result<Option<SocketAddr>, ConfigError> {
     raw(opts, env)?
@@ -177,6 +176,7 @@ impl Config {
                 count: Some(RawCount::Number(w.count as u64)),
                 command: Some(w.command.clone()),
                 port_base: Some(u64::from(w.port_base)),
+                socket_dir: w.socket_dir.as_ref().map(|p| p.display().to_string()),
                 env: Some(w.env.clone()),
                 cwd: w.cwd.as_ref().map(|p| p.display().to_string()),
                 output: Some(Word(w.output)),

@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use super::value::{Check, Human, LogFormat, Mode, Percent, Size, Word};
 use super::{ConfigError, err};
 use crate::balance::Balance;
-use crate::cli::{Given, Opts};
 use crate::supervisor::WorkerOutput;
 
 /// Environment variables with the `PORTSHARE_` prefix that are not config keys.
@@ -145,6 +144,8 @@ pub struct RawWorkers {
     pub command: Option<Vec<String>>,
     /// First worker port; 0 = free ports.
     pub port_base: Option<u64>,
+    /// Unix sockets in this directory instead of ports.
+    pub socket_dir: Option<String>,
     /// Extra environment.
     pub env: Option<BTreeMap<String, String>>,
     /// Working directory.
@@ -198,10 +199,31 @@ pub struct RawEjection {
     pub max_time: Option<Human>,
 }
 
+/// A key's value as its flag gave it, for the layering to put over the file and the
+/// environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Given<'a> {
+    /// Text, read by the key's own parser (`30s`, `h2`, `auto`).
+    Text(&'a str),
+    /// A number clap has already read.
+    Number(u64),
+    /// A list (`--backend` repeated, the command after `--`).
+    List(&'a [String]),
+}
+
+/// What the command line gave: the file to read, and each key a flag set (the command
+/// line's own module implements it; the layering needs nothing else of it).
+pub trait Flags {
+    /// `--config`.
+    fn file(&self) -> Option<&Path>;
+    /// Each key a flag was given for, with the value given.
+    fn given(&self) -> Vec<(&'static str, Given<'_>)>;
+}
+
 /// The layered, not yet validated configuration.
-pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, ConfigError> {
+pub fn raw(opts: &impl Flags, env: &HashMap<String, String>) -> Result<RawConfig, ConfigError> {
     let mut builder = config::Config::builder();
-    if let Some(path) = &opts.config {
+    if let Some(path) = opts.file() {
         builder = builder.add_source(file_source(path)?);
     }
     layer(builder, opts, env)
@@ -212,7 +234,7 @@ pub fn raw(opts: &Opts, env: &HashMap<String, String>) -> Result<RawConfig, Conf
 #[cfg(any(test, fuzzing))]
 pub(crate) fn raw_from_toml(
     toml: &str,
-    opts: &Opts,
+    opts: &impl Flags,
     env: &HashMap<String, String>,
 ) -> Result<RawConfig, ConfigError> {
     let builder = config::Config::builder().add_source(File::from_str(toml, FileFormat::Toml));
@@ -222,7 +244,7 @@ pub(crate) fn raw_from_toml(
 /// Adds the environment and the flags over whatever `builder` holds, and deserializes.
 fn layer(
     mut builder: config::builder::ConfigBuilder<config::builder::DefaultState>,
-    opts: &Opts,
+    opts: &impl Flags,
     env: &HashMap<String, String>,
 ) -> Result<RawConfig, ConfigError> {
     let env_vars: config::Map<String, String> = env

@@ -1,6 +1,8 @@
 //! Loading and validating whole configurations: layering, defaults, errors, rendering.
 
 use super::*;
+// The flags as the command line makes them: only the tests reach back to it.
+use crate::cli::Opts;
 use std::io::Write;
 
 fn opts(backends: &[&str]) -> Opts {
@@ -238,6 +240,8 @@ fn check_prints_the_keys_of_the_keys_table() {
         tls_key: Some("key.pem".into()),
         tls_client_ca: Some("ca.pem".into()),
         worker_max_memory: Some("1GiB".into()),
+        // Windows has no worker sockets; the key is listed for it below.
+        worker_socket_dir: cfg!(unix).then(|| "/tmp/portshare-sockets".into()),
         ..Opts::default()
     };
     let e = env(&[("PORTSHARE_WORKERS__CWD", "/tmp")]);
@@ -249,6 +253,9 @@ fn check_prints_the_keys_of_the_keys_table() {
             toml::Value::Table(t) => printed.extend(t.keys().map(|name| format!("{k}.{name}"))),
             _ => printed.push(k.clone()),
         }
+    }
+    if cfg!(windows) {
+        printed.push("workers.socket_dir".to_owned());
     }
     printed.sort();
     let mut table: Vec<String> = keys::KEYS.iter().map(|k| k.name.to_owned()).collect();
@@ -394,4 +401,101 @@ fn reuseport_refusals_name_their_key() {
     } else {
         assert!(e.problem.contains("needs Linux"), "{e}");
     }
+}
+
+#[test]
+fn unix_socket_backends_are_kept_as_written() {
+    let given = [
+        "unix:/run/app/w0.sock",
+        "unix-abstract:app-w1",
+        "127.0.0.1:9",
+    ];
+    #[cfg(target_os = "linux")]
+    {
+        let c = load(&opts(&given), &env(&[])).unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<&str> = c.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, given);
+        assert_eq!(
+            c.backends[0].addr,
+            crate::backend::BackendAddr::Unix("/run/app/w0.sock".into())
+        );
+        assert_eq!(
+            c.backends[1].addr,
+            crate::backend::BackendAddr::UnixAbstract("app-w1".into())
+        );
+        let again = load(
+            &opts(&["unix:/run/app/w0.sock", "unix:/run/app/w0.sock"]),
+            &env(&[]),
+        );
+        assert!(again.is_err_and(|e| e.to_string().starts_with("backends[1]")));
+    }
+    #[cfg(unix)]
+    {
+        let long = format!("unix:/{}", "a".repeat(200));
+        let e = load_err(&opts(&[&long]), &env(&[]));
+        assert!(e.to_string().starts_with("backends[0]"), "{e}");
+        let e = load_err(&opts(&["unix:"]), &env(&[]));
+        assert!(e.to_string().contains("no path"), "{e}");
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let e = load_err(&opts(&[given[1]]), &env(&[]));
+        assert!(e.to_string().starts_with("backends[0]"), "{e}");
+        assert!(e.to_string().contains("Linux only"), "{e}");
+    }
+    #[cfg(windows)]
+    {
+        let e = load_err(&opts(&[given[0]]), &env(&[]));
+        assert!(e.to_string().starts_with("backends[0]"), "{e}");
+        assert!(e.to_string().contains("not supported"), "{e}");
+    }
+    let e = load_err(&opts(&["unix-abstract:"]), &env(&[]));
+    assert!(e.to_string().starts_with("backends[0]"), "{e}");
+}
+
+#[test]
+fn workers_on_sockets_need_no_port_and_no_port_placeholder() {
+    let o = Opts {
+        workers: Some("2".into()),
+        worker_socket_dir: Some("run/sockets".into()),
+        command: vec!["python".into(), "server.py".into()],
+        ..Opts::default()
+    };
+    #[cfg(unix)]
+    {
+        // No port plan is needed, so a listen port of 0 is fine.
+        let c = load(&o, &env(&[("PORTSHARE_LISTEN", "127.0.0.1:0")]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let w = c.workers.clone().expect("workers");
+        let dir = w.socket_dir.expect("a socket dir");
+        assert!(dir.is_absolute() && dir.ends_with("run/sockets"), "{dir:?}");
+        let text = c.to_toml();
+        assert!(text.contains("socket_dir = "), "{text}");
+
+        let with_port = Opts {
+            command: vec!["python".into(), "--port".into(), "{port}".into()],
+            ..o.clone()
+        };
+        let e = load_err(&with_port, &env(&[]));
+        assert!(e.to_string().starts_with("workers.command"), "{e}");
+        let long = Opts {
+            worker_socket_dir: Some(format!("/{}", "d".repeat(120))),
+            ..o.clone()
+        };
+        let e = load_err(&long, &env(&[]));
+        assert!(e.to_string().starts_with("workers.socket_dir"), "{e}");
+    }
+    #[cfg(windows)]
+    {
+        let e = load_err(&o, &env(&[]));
+        assert!(e.to_string().starts_with("workers.socket_dir"), "{e}");
+    }
+    let socket_without_dir = Opts {
+        worker_socket_dir: None,
+        worker_port_base: Some(0),
+        command: vec!["python".into(), "{socket}".into()],
+        ..o
+    };
+    let e = load_err(&socket_without_dir, &env(&[]));
+    assert!(e.to_string().starts_with("workers.command"), "{e}");
 }

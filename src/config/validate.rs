@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use super::addr::{Lookup, parse_backend, resolve_one, system_lookup};
+use super::addr::{Lookup, check_socket_path, parse_backend, resolve_one, system_lookup};
 use super::keys::default_of;
 use super::raw::{RawConfig, RawCount, RawH2, RawHealth, RawTls, RawWorkers};
 use super::value::{Check, Human, Mode, Percent, Size, Word};
@@ -85,7 +85,7 @@ impl RawConfig {
         for (i, entry) in self.backends.iter().flatten().enumerate() {
             let key = format!("backends[{i}]");
             for spec in parse_backend(&key, entry, lookup)? {
-                if !seen.insert(spec.addr) {
+                if !seen.insert(spec.addr.clone()) {
                     return Err(err(key, format!("{} is listed twice", spec.name)));
                 }
                 backends.push(spec);
@@ -398,7 +398,12 @@ impl RawWorkers {
                 "no worker command: give it after --, e.g. --workers 4 -- python server.py --port {port}",
             ));
         }
-        let port_base = self.port_base(listen, count)?;
+        let socket_dir = self.socket_dir(&command, count)?;
+        // Workers on sockets have no ports to plan.
+        let port_base = match socket_dir {
+            Some(_) => 0,
+            None => self.port_base(listen, count)?,
+        };
         let restart_backoff = positive("workers.restart_backoff", &self.restart_backoff)?;
         let restart_backoff_max =
             positive("workers.restart_backoff_max", &self.restart_backoff_max)?;
@@ -418,6 +423,7 @@ impl RawWorkers {
             // Set for reuseport mode once the mode is known (see `validate_with`).
             shared: None,
             port_base,
+            socket_dir,
             env: self.env.clone().unwrap_or_default(),
             cwd: self.cwd.as_ref().map(PathBuf::from),
             output,
@@ -437,6 +443,47 @@ impl RawWorkers {
             max_lifetime_jitter,
             max_memory: self.max_memory.map(|Size(n)| n).filter(|n| *n > 0),
         })
+    }
+
+    /// The socket directory, made absolute (workers may run elsewhere): only on Unix,
+    /// with room in a socket address for the longest socket path, and with a command that
+    /// asks for `{socket}` rather than `{port}` (or for neither, reading the environment).
+    fn socket_dir(&self, command: &[String], count: usize) -> Result<Option<PathBuf>, ConfigError> {
+        const KEY: &str = "workers.socket_dir";
+        let Some(dir) = self.socket_dir.as_deref().map(str::trim) else {
+            if command.iter().any(|a| a.contains("{socket}")) {
+                return Err(err(
+                    "workers.command",
+                    "{socket} is given only to workers on sockets: add --worker-socket-dir DIR, or use {port}",
+                ));
+            }
+            return Ok(None);
+        };
+        if !cfg!(unix) {
+            return Err(err(
+                KEY,
+                "Unix domain sockets are not available on this platform; workers use TCP ports here",
+            ));
+        }
+        if dir.is_empty() {
+            return Err(err(KEY, "empty directory name"));
+        }
+        if command.iter().any(|a| a.contains("{port}")) {
+            return Err(err(
+                "workers.command",
+                "workers on sockets get no port: use {socket} (or $PORTSHARE_SOCKET) instead of {port}",
+            ));
+        }
+        let dir = std::path::absolute(dir)
+            .map_err(|e| err(KEY, format!("cannot make {dir:?} absolute: {e}")))?;
+        // The longest path a worker gets: its index, and a generation a long run can reach.
+        let longest = crate::supervisor::socket_path(
+            &dir,
+            crate::backend::WorkerIndex(count.saturating_sub(1)),
+            u64::from(u32::MAX),
+        );
+        check_socket_path(KEY, &longest)?;
+        Ok(Some(dir))
     }
 
     /// The first worker port: given, or the one after the listen port; checked so that

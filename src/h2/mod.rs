@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access_log::AccessLog;
 use crate::backend::BackendSet;
 use crate::balance::{Balance, Balancer};
-use crate::connect::TcpConnect;
+use crate::connect::SocketConnect;
 use crate::metrics as m;
 use crate::tls::Tls;
 use call::InFlight;
@@ -169,7 +169,7 @@ impl H2Proxy {
     ) -> Self {
         let pool = pool_config(&config);
         let pools = (0..threads.max(1))
-            .map(|_| Pool::new(pool, TcpConnect))
+            .map(|_| Pool::new(pool, SocketConnect))
             .collect();
         Self {
             metrics: CallMetrics {

@@ -14,7 +14,7 @@ use h2::client::{Builder, SendRequest};
 use tokio::sync::Mutex;
 
 use crate::backend::{Backend, BackendSet, ConnectFailure};
-use crate::connect::{self, Connect, ConnectError, TcpConnect};
+use crate::connect::{self, Connect, ConnectError, SocketConnect};
 
 /// HTTP/2 settings of the backend connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,7 @@ impl Slot {
 
 /// Connections to every backend, opened through `C` (TCP but in tests).
 #[derive(Debug)]
-pub struct Pool<C = TcpConnect> {
+pub struct Pool<C = SocketConnect> {
     /// Read at each connect; a reload may replace it (open connections keep theirs).
     config: std::sync::Mutex<PoolConfig>,
     connector: C,
@@ -221,7 +221,7 @@ mod tests {
     fn pool(ports: &[u16], script: Script) -> (Pool<Scripted>, Arc<BackendSet>, Scripted) {
         let specs = ports.iter().map(|p| BackendSpec {
             name: addr(*p).to_string(),
-            addr: addr(*p),
+            addr: addr(*p).into(),
             worker: None,
         });
         let set = Arc::new(BackendSet::new(

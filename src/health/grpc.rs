@@ -22,7 +22,6 @@
 //! connection's only `SendRequest`) is dropped or replaced, or when the connection fails.
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -32,9 +31,10 @@ use hyper::client::conn::http2::{self, SendRequest};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue, TE, USER_AGENT};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::backend::BackendAddr;
+use crate::connect::{Connect, SocketConnect};
 use crate::grpc::health::{ServingStatus, decode_response_frame, encode_request_frame};
 use crate::grpc::{
     self, CONTENT_TYPE_GRPC, Code, GRPC_MESSAGE, GRPC_STATUS, GRPC_TIMEOUT, WireError,
@@ -51,7 +51,7 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Why a check gave no [`ServingStatus`].
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    /// The TCP connection could not be opened (refused, unreachable, out of descriptors).
+    /// The connection could not be opened (refused, unreachable, out of descriptors).
     #[error("cannot connect: {0}")]
     Connect(#[source] io::Error),
     /// The whole check (connect included) took longer than the timeout it was given.
@@ -103,7 +103,7 @@ fn message_suffix(message: &str) -> String {
 #[derive(Debug)]
 pub struct GrpcProbe {
     /// The backend checked.
-    addr: SocketAddr,
+    addr: BackendAddr,
     /// The service name put in the request; empty asks about the server as a whole.
     service: String,
     /// The open connection, if any. `None` before the first check and after one that left
@@ -114,9 +114,9 @@ pub struct GrpcProbe {
 impl GrpcProbe {
     /// A probe for `service` (`""` for the server as a whole) on the backend at `addr`.
     /// Connects lazily, on the first [`check`](Self::check).
-    pub fn new(addr: SocketAddr, service: impl Into<String>) -> Self {
+    pub fn new(addr: impl Into<BackendAddr>, service: impl Into<String>) -> Self {
         Self {
-            addr,
+            addr: addr.into(),
             service: service.into(),
             conn: None,
         }
@@ -148,7 +148,7 @@ impl GrpcProbe {
         timeout: Duration,
     ) -> Result<ServingStatus, ProbeError> {
         let body = encode_request_frame(&self.service)?;
-        let uri = Uri::try_from(format!("http://{}{CHECK_PATH}", authority(self.addr)))
+        let uri = Uri::try_from(format!("http://{}{CHECK_PATH}", self.addr.authority()))
             .map_err(|e| ProbeError::Request(format!("URI: {e}")))?;
         // grpc-timeout tells the server how long the caller still waits, so grpcio can give
         // up (DEADLINE_EXCEEDED) on a check nobody will read; measured from the start so a
@@ -159,7 +159,7 @@ impl GrpcProbe {
 
         let (mut sender, reused) = match self.conn.take() {
             Some(sender) if !sender.is_closed() => (sender, true),
-            _ => (connect(self.addr).await?, false),
+            _ => (connect(&self.addr).await?, false),
         };
         let response = match sender.send_request(request(body.clone())?).await {
             Ok(response) => response,
@@ -173,7 +173,7 @@ impl GrpcProbe {
                     %error,
                     "health probe: kept connection failed; reconnecting"
                 );
-                sender = connect(self.addr).await?;
+                sender = connect(&self.addr).await?;
                 sender
                     .send_request(request(body)?)
                     .await
@@ -195,28 +195,19 @@ impl GrpcProbe {
     }
 }
 
-/// The `:authority` for `addr`. Written by hand rather than with `SocketAddr`'s `Display`
-/// because that adds an IPv6 scope id (`%2`), which is not valid in a URI authority.
-fn authority(addr: SocketAddr) -> String {
-    match addr {
-        SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
-        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-    }
-}
-
-/// Opens a TCP connection to `addr`, does the HTTP/2 handshake and spawns the task that
-/// drives the connection.
-async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, ProbeError> {
-    let stream = TcpStream::connect(addr)
+/// Opens a connection to `addr` (TCP with TCP_NODELAY, as the data path's, or a Unix
+/// socket), does the HTTP/2 handshake and spawns the task that drives the connection.
+async fn connect(addr: &BackendAddr) -> Result<SendRequest<Full<Bytes>>, ProbeError> {
+    let stream = SocketConnect
+        .connect(addr)
         .await
         .map_err(ProbeError::Connect)?;
-    // A check is one small request and one small response: Nagle would only delay them.
-    stream.set_nodelay(true).map_err(ProbeError::Connect)?;
 
     let mut builder = http2::Builder::new(TokioExecutor::new());
     // Both are hyper's defaults today; set them anyway, because either one sending pings
     // gets the connection closed by grpcio (GOAWAY too_many_pings).
     builder.keep_alive_interval(None).adaptive_window(false);
+    let addr = addr.clone();
     let (sender, connection) = builder
         .handshake(TokioIo::new(stream))
         .await
@@ -342,7 +333,7 @@ fn status_error(code: u32, headers: &HeaderMap) -> Option<ProbeError> {
 mod tests {
     use super::*;
 
-    use std::net::{Ipv6Addr, SocketAddrV6};
+    use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -397,9 +388,14 @@ mod tests {
 
     #[test]
     fn ipv6_authority_drops_the_scope_id() {
-        let addr = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 50051, 0, 2));
-        assert_eq!(authority(addr), "[::1]:50051");
-        assert!(Uri::try_from(format!("http://{}{CHECK_PATH}", authority(addr))).is_ok());
+        let addr = BackendAddr::from(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::LOCALHOST,
+            50051,
+            0,
+            2,
+        )));
+        assert_eq!(addr.authority(), "[::1]:50051");
+        assert!(Uri::try_from(format!("http://{}{CHECK_PATH}", addr.authority())).is_ok());
     }
 
     #[test]
@@ -664,8 +660,12 @@ mod tests {
         assert_malformed(probe.check(TIMEOUT).await);
 
         // The oversized case, driven by hand since the probe's request has no x-big.
-        let mut sender = connect(server.addr).await.unwrap();
-        let uri = Uri::try_from(format!("http://{}{CHECK_PATH}", authority(server.addr))).unwrap();
+        let mut sender = connect(&server.addr.into()).await.unwrap();
+        let uri = Uri::try_from(format!(
+            "http://{}{CHECK_PATH}",
+            BackendAddr::from(server.addr).authority()
+        ))
+        .unwrap();
         let mut request = build_request(uri, encode_request_frame("").unwrap(), TIMEOUT).unwrap();
         request
             .headers_mut()

@@ -13,18 +13,17 @@ mod test_server;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{counter, histogram};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::{Backend, BackendSet, CheckResult, Health, Thresholds};
+use crate::backend::{Backend, BackendAddr, BackendSet, CheckResult, Health, Thresholds};
+use crate::connect::{Connect, SocketConnect};
 use crate::grpc::health::ServingStatus;
 use crate::metrics as m;
 
@@ -35,7 +34,7 @@ const STARTING_INTERVAL: Duration = Duration::from_millis(100);
 /// Which check to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckKind {
-    /// A TCP connect succeeds.
+    /// A connect succeeds (TCP, or to a Unix socket backend).
     Tcp,
     /// `grpc.health.v1.Health/Check` for `service` answers SERVING.
     Grpc {
@@ -68,24 +67,26 @@ pub struct HealthConfig {
     pub thresholds: Thresholds,
 }
 
-/// One backend's probe: a TCP connect, or a reusable gRPC health client.
+/// One backend's probe: a connect, or a reusable gRPC health client.
 enum Probe {
-    Tcp(SocketAddr),
+    Tcp(BackendAddr),
     Grpc(grpc::GrpcProbe),
 }
 
 impl Probe {
-    fn new(kind: &CheckKind, addr: SocketAddr) -> Self {
+    fn new(kind: &CheckKind, addr: &BackendAddr) -> Self {
         match kind {
-            CheckKind::Tcp => Probe::Tcp(addr),
-            CheckKind::Grpc { service } => Probe::Grpc(grpc::GrpcProbe::new(addr, service.clone())),
+            CheckKind::Tcp => Probe::Tcp(addr.clone()),
+            CheckKind::Grpc { service } => {
+                Probe::Grpc(grpc::GrpcProbe::new(addr.clone(), service.clone()))
+            }
         }
     }
 
     async fn check(&mut self, timeout: Duration) -> CheckResult {
         match self {
             Probe::Tcp(addr) => {
-                match tokio::time::timeout(timeout, TcpStream::connect(*addr)).await {
+                match tokio::time::timeout(timeout, SocketConnect.connect(addr)).await {
                     Ok(Ok(_)) => CheckResult::Pass,
                     Ok(Err(e)) => CheckResult::Fail(format!("connect: {e}")),
                     Err(_) => CheckResult::Fail(format!("connect: no answer within {timeout:?}")),

@@ -17,7 +17,7 @@ use crate::access_log::{AccessLog, ConnectionRecord, Record};
 use crate::backend::{ActiveGuard, Backend, BackendSet, Tried};
 use crate::balance::{Balance, Balancer};
 use crate::connect::{self, ConnectError};
-pub use crate::connect::{Connect, TcpConnect};
+pub use crate::connect::{Connect, SocketConnect};
 use crate::metrics as m;
 use copy::{Activity, Tracked, copy_both_ways};
 
@@ -142,7 +142,7 @@ pub struct Transfer {
 
 /// The l4 proxy: shared by every connection task.
 #[derive(Debug)]
-pub struct L4Proxy<C = TcpConnect> {
+pub struct L4Proxy<C = SocketConnect> {
     /// Timeouts and attempts; a reload may replace them (connections under way keep theirs).
     config: ArcSwap<L4Config>,
     /// Where connections may go.
@@ -352,7 +352,7 @@ mod tests {
     fn proxy(ports: &[u16], script: Script, idle: Duration) -> (L4Proxy<Scripted>, Scripted) {
         let specs = ports.iter().map(|p| BackendSpec {
             name: addr(*p).to_string(),
-            addr: addr(*p),
+            addr: addr(*p).into(),
             worker: None,
         });
         let ejection = EjectionConfig {

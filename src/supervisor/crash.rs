@@ -155,7 +155,7 @@ mod tests {
                 let addr = SocketAddr::from(([127, 0, 0, 1], 21000 + i));
                 BackendSpec {
                     name: addr.to_string(),
-                    addr,
+                    addr: addr.into(),
                     worker: Some(WorkerIndex(usize::from(i))),
                 }
             }),

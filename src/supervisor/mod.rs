@@ -1,4 +1,5 @@
-//! Spawned workers: start N copies of the worker command on their own ports, watch them,
+//! Spawned workers: start N copies of the worker command on their own ports (or Unix
+//! sockets), watch them,
 //! restart the ones that exit (with jittered exponential backoff), end portshare when every
 //! worker is in a crash loop (see `crash`), and stop them cleanly (SIGTERM, then SIGKILL after
 //! a grace period).
@@ -42,15 +43,18 @@ impl WorkerOutput {
 pub struct WorkersConfig {
     /// How many run at once.
     pub count: usize,
-    /// Program and arguments; `{port}` and `{index}` (and, in reuseport mode, `{shared}`)
-    /// are substituted in the arguments.
+    /// Program and arguments; `{port}` (or `{socket}`) and `{index}` (and, in reuseport
+    /// mode, `{shared}`) are substituted in the arguments.
     pub command: Vec<String>,
     /// reuseport mode: the public address every worker binds too, with SO_REUSEPORT, given
     /// as `{shared}` and `PORTSHARE_SHARED_ADDR`; its own port stays for the checks.
     pub shared: Option<SocketAddr>,
     /// Worker i listens on `port_base + i` and its replacement on `port_base + count + i`;
-    /// 0 means free ports picked at start.
+    /// 0 means free ports picked at start. Unused with `socket_dir`.
     pub port_base: u16,
+    /// Workers listen on Unix sockets in this directory (absolute) instead of ports:
+    /// `worker-<i>-<generation>.sock`. `None`: TCP ports.
+    pub socket_dir: Option<PathBuf>,
     /// Extra environment for every worker.
     pub env: BTreeMap<String, String>,
     /// Working directory; portshare's own when unset.
@@ -90,7 +94,9 @@ pub struct WorkersConfig {
 
 mod crash;
 mod memory;
+mod place;
 mod ports;
+mod sockets;
 #[cfg(unix)]
 mod unix;
 mod watcher;
@@ -112,12 +118,15 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, BackendSet, Health, WorkerIndex};
 use crate::metrics as m;
 pub use crash::CrashLoop;
 use crash::Fleet;
+pub use place::{WorkerPlace, plan};
 pub use ports::{WorkerPorts, plan_ports};
+pub use sockets::socket_path;
 use watcher::{Replaced, Restart, Watcher};
 
 /// Workers listen on loopback; portshare is their only client.
@@ -145,6 +154,14 @@ pub enum SupervisorError {
     /// No free ports could be had.
     #[error("cannot pick free ports for the workers: {0}")]
     NoFreePorts(#[source] io::Error),
+    /// The socket directory cannot be used.
+    #[error("workers.socket_dir {}: {why}", dir.display())]
+    SocketDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why not.
+        why: String,
+    },
     /// The Job Object (Windows) could not be set up.
     #[error("cannot set up worker process control: {0}")]
     Platform(#[source] io::Error),
@@ -170,6 +187,8 @@ pub struct Supervisor {
     rolling: Arc<AtomicBool>,
     /// The settings the next processes start with.
     settings: Arc<ArcSwap<WorkersConfig>>,
+    /// Where rolling restarts run.
+    background: TaskTracker,
     /// Keeps the platform's process control alive (the Job Object on Windows).
     _guard: Arc<platform::Guard>,
 }
@@ -208,12 +227,14 @@ pub enum RestartOutcome {
 }
 
 impl Supervisor {
-    /// Starts one watcher per backend of `set` that has a worker index, listening on
-    /// `ports[index]`; each spawns its worker at once.
+    /// Starts one watcher per backend of `set` that has a worker index, listening at
+    /// `places[index]` (see [`plan`]); each spawns its worker at once. Rolling restarts
+    /// and the workers' output relays run on `background`.
     pub fn start(
         config: WorkersConfig,
         set: &Arc<BackendSet>,
-        ports: &[WorkerPorts],
+        places: &[WorkerPlace],
+        background: &TaskTracker,
     ) -> Result<Self, SupervisorError> {
         let guard = Arc::new(platform::Guard::new().map_err(SupervisorError::Platform)?);
         let settings = Arc::new(ArcSwap::from_pointee(config));
@@ -238,15 +259,16 @@ impl Supervisor {
             let Some(index) = backend.worker() else {
                 continue;
             };
-            let Some(ports) = ports.get(index.0).copied() else {
+            let Some(place) = places.get(index.0).cloned() else {
                 continue;
             };
             let (restart_tx, restart_rx) = mpsc::channel(1);
             let watcher = Watcher {
                 index,
-                ports,
+                place,
                 config: Arc::clone(&config),
                 settings: Arc::clone(&settings),
+                tasks: background.clone(),
                 set: Arc::clone(set),
                 backend: Arc::clone(backend),
                 guard: Arc::clone(&guard),
@@ -267,6 +289,7 @@ impl Supervisor {
             replacing,
             rolling: Arc::new(AtomicBool::new(false)),
             settings,
+            background: background.clone(),
             _guard: guard,
         })
     }
@@ -300,7 +323,7 @@ impl Supervisor {
         let replacing = Arc::clone(&self.replacing);
         let rolling = Arc::clone(&self.rolling);
         let stop = self.stop.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let outcome = tokio::select! {
                 o = roll(&watchers, &set, &replacing) => Some(o),
                 () = stop.cancelled() => None,

@@ -2,7 +2,8 @@
 //! replace it on request without losing capacity (surge restart), and stop it after its
 //! calls are done.
 //!
-//! A surge restart starts the replacement on the worker's spare port, waits until it is
+//! A surge restart starts the replacement on the worker's spare port (or, on sockets, the
+//! next generation's socket path), waits until it is
 //! ready (the same check as at start), lets it join the rotation, and only then takes the
 //! old process out: it gets no new calls, its calls in flight (h2) or connections (l4)
 //! finish, bounded by `stop_grace`, and it gets SIGTERM (Windows: terminated), then SIGKILL
@@ -21,12 +22,15 @@ use tokio::process::{Child, Command};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::crash::{CrashLoop, Fleet};
 use super::memory;
+use super::place::{self, WorkerPlace};
 use super::ports::{self, WorkerPorts};
-use super::{WORKER_HOST, WorkerOutput, WorkersConfig, platform};
-use crate::backend::{Backend, BackendSet, BackendSpec, Health, WorkerIndex};
+use super::sockets;
+use super::{WorkerOutput, WorkersConfig, platform};
+use crate::backend::{Backend, BackendAddr, BackendSet, Health, WorkerIndex};
 use crate::backoff::Backoff;
 use crate::metrics as m;
 
@@ -101,12 +105,14 @@ pub(super) enum Replaced {
 /// Watches one worker: starts it, waits for it to exit, restarts or replaces it.
 pub(super) struct Watcher {
     pub(super) index: WorkerIndex,
-    /// Its ports; `current` is the running process's.
-    pub(super) ports: WorkerPorts,
+    /// Where it listens: its ports (`current` is the running process's), or its socket.
+    pub(super) place: WorkerPlace,
     /// The settings of the running process.
     pub(super) config: Arc<WorkersConfig>,
     /// The settings for the next process, which a reload may change.
     pub(super) settings: Arc<ArcSwap<WorkersConfig>>,
+    /// Where its output relays run.
+    pub(super) tasks: TaskTracker,
     /// Where its backends live: a replacement is added, a replaced process removed.
     pub(super) set: Arc<BackendSet>,
     /// The backend of the running process.
@@ -180,9 +186,11 @@ impl Watcher {
                 restarts += 1;
                 WorkerMetrics::restarted(self.index, Reason::Exited);
                 // The port must be free again; an outgoing connection may have taken it.
-                if let Err(e) = ports::port_is_free(self.ports.current) {
+                if let WorkerPlace::Ports(p) = &self.place
+                    && let Err(e) = ports::port_is_free(p.current)
+                {
                     let pause = backoff.next_delay();
-                    tracing::error!(worker = %self.index, port = self.ports.current, error = %e, retry_in = ?pause,
+                    tracing::error!(worker = %self.index, port = p.current, error = %e, retry_in = ?pause,
                         "cannot restart worker: its port is taken by another socket");
                     if self.pause(pause, &mut asked).await.is_err() {
                         return;
@@ -192,7 +200,10 @@ impl Watcher {
             }
             first = false;
             let started = Instant::now();
-            let last_exit = match self.spawn(self.ports.current) {
+            let addr = self.place.current();
+            // A process that died leaves its socket file behind: the new one binds afresh.
+            clear_socket(&addr);
+            let last_exit = match self.spawn(&addr) {
                 Err(e) => {
                     tracing::error!(worker = %self.index, command = ?self.config.command, error = %e, "cannot start worker");
                     format!("failed to start: {e}")
@@ -201,7 +212,7 @@ impl Watcher {
                     let pid = child.id();
                     self.backend.worker_started(pid, restarts, started);
                     metrics.up.set(1.0);
-                    tracing::info!(worker = %self.index, pid, port = self.ports.current, "worker started");
+                    tracing::info!(worker = %self.index, pid, addr = %addr, "worker started");
                     let ended = self.watch(child, &mut asked, &mut restarts, &metrics).await;
                     metrics.up.set(0.0);
                     match ended {
@@ -379,20 +390,16 @@ impl Watcher {
     /// module's documentation).
     async fn surge(&mut self, old: &mut Child, restarts: u64, reason: Reason) -> Surge {
         self.config = self.settings.load_full();
-        let port = match self.spare_port() {
+        let next = match self.next_place() {
             Ok(p) => p,
             Err(why) => return Surge::Failed(why),
         };
-        let addr = std::net::SocketAddr::from((WORKER_HOST, port));
-        let fresh = self.set.add(
-            BackendSpec {
-                name: addr.to_string(),
-                addr,
-                worker: Some(self.index),
-            },
-            Some(&self.backend),
-        );
-        let mut new = match self.spawn(port) {
+        let addr = next.current();
+        clear_socket(&addr);
+        let fresh = self
+            .set
+            .add(place::spec(addr.clone(), self.index), Some(&self.backend));
+        let mut new = match self.spawn(&addr) {
             Ok(c) => c,
             Err(e) => {
                 self.set.remove(&fresh);
@@ -402,7 +409,7 @@ impl Watcher {
         let started = Instant::now();
         let (new_pid, old_pid) = (new.id(), old.id());
         fresh.worker_started(new_pid, restarts, started);
-        tracing::info!(worker = %self.index, pid = new_pid, port, replaces = old_pid, reason = reason.as_str(),
+        tracing::info!(worker = %self.index, pid = new_pid, addr = %addr, replaces = old_pid, reason = reason.as_str(),
             "rolling restart: replacement started");
         let deadline = started + self.config.ready_timeout;
         let mut old_exit = None;
@@ -438,6 +445,7 @@ impl Watcher {
             if new.id().is_some() {
                 self.retire(&mut new, &fresh, false).await;
             }
+            clear_socket(fresh.addr());
             self.set.remove(&fresh);
             tracing::error!(worker = %self.index, why = %why, "rolling restart: replacing the worker failed; the old process keeps serving");
             return match old_exit {
@@ -449,30 +457,57 @@ impl Watcher {
         tracing::info!(worker = %self.index, pid = new_pid, took = ?started.elapsed(),
             "rolling restart: replacement ready; draining the old process");
         let replaced = std::mem::replace(&mut self.backend, fresh);
-        self.ports = WorkerPorts {
-            current: port,
-            spare: self.ports.current,
-        };
+        self.place = next;
         if old_exit.is_none() {
             // A hung process finishes nothing: it is stopped at once.
             self.retire(old, &replaced, reason != Reason::Hung).await;
         }
+        clear_socket(replaced.addr());
         self.set.remove(&replaced);
         Surge::Done(Box::new(new))
+    }
+
+    /// Where the next replacement listens, as the worker's place once it took over: on
+    /// ports, the spare (see [`Watcher::spare_port`]), the two swapped; on a socket, the
+    /// next generation's.
+    fn next_place(&mut self) -> Result<WorkerPlace, String> {
+        match &self.place {
+            WorkerPlace::Ports(p) => {
+                let current = p.current;
+                let port = self.spare_port()?;
+                Ok(WorkerPlace::Ports(WorkerPorts {
+                    current: port,
+                    spare: current,
+                }))
+            }
+            WorkerPlace::Socket {
+                dir,
+                index,
+                generation,
+            } => Ok(WorkerPlace::Socket {
+                dir: Arc::clone(dir),
+                index: *index,
+                generation: generation + 1,
+            }),
+        }
     }
 
     /// The port for the next replacement: the spare, checked free; with free ports
     /// (`port_base` 0) another free one if something took it meanwhile.
     fn spare_port(&mut self) -> Result<u16, String> {
-        let spare = self.ports.spare;
+        let port_base = self.config.port_base;
+        let WorkerPlace::Ports(ports) = &mut self.place else {
+            return Err("the worker has no ports".to_owned());
+        };
+        let spare = ports.spare;
         match ports::port_is_free(spare) {
             Ok(()) => Ok(spare),
-            Err(e) if self.config.port_base == 0 => {
+            Err(e) if port_base == 0 => {
                 let other = ports::free_port()
                     .map_err(|e| format!("no free port for the replacement: {e}"))?;
                 tracing::warn!(worker = %self.index, taken = spare, error = %e, port = other,
                     "the spare port was taken; the replacement gets another free port");
-                self.ports.spare = other;
+                ports.spare = other;
                 Ok(other)
             }
             Err(e) => Err(format!(
@@ -494,6 +529,7 @@ impl Watcher {
             }
         }
         self.stop_child(child).await;
+        clear_socket(backend.addr());
         backend.worker_stopped(Instant::now());
     }
 
@@ -548,8 +584,30 @@ impl Watcher {
         }
     }
 
-    fn spawn(&self, port: u16) -> io::Result<Child> {
-        let port = port.to_string();
+    /// Starts a process listening at `addr`: a port is given as `{port}` and
+    /// `PORTSHARE_PORT`, a socket path as `{socket}` and `PORTSHARE_SOCKET`.
+    fn spawn(&self, addr: &BackendAddr) -> io::Result<Child> {
+        let (placeholder, variable, value) = match addr {
+            BackendAddr::Tcp(a) => ("{port}", "PORTSHARE_PORT", a.port().to_string()),
+            BackendAddr::Unix(path) => (
+                "{socket}",
+                "PORTSHARE_SOCKET",
+                path.to_str()
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("the socket path {} is not UTF-8", path.display()),
+                        )
+                    })?
+                    .to_owned(),
+            ),
+            BackendAddr::UnixAbstract(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "spawned workers get socket paths, not abstract names",
+                ));
+            }
+        };
         let index = self.index.to_string();
         let (program, args) =
             self.config.command.split_first().ok_or_else(|| {
@@ -558,13 +616,13 @@ impl Watcher {
         let shared = self.config.shared.map(|a| a.to_string());
         let mut cmd = Command::new(program);
         cmd.args(args.iter().map(|a| {
-            let a = a.replace("{port}", &port).replace("{index}", &index);
+            let a = a.replace(placeholder, &value).replace("{index}", &index);
             match &shared {
                 Some(shared) => a.replace("{shared}", shared),
                 None => a,
             }
         }))
-        .env("PORTSHARE_PORT", &port)
+        .env(variable, &value)
         .env("PORTSHARE_WORKER_INDEX", &index)
         // Lets a worker notice that portshare is gone (its parent pid changes) where the
         // OS cannot kill it for us (macOS has no parent-death signal).
@@ -584,10 +642,10 @@ impl Watcher {
         platform::prepare(&mut cmd);
         let mut child = self.guard.spawn(&mut cmd)?;
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(relay(out, self.index, Stream::Stdout));
+            self.tasks.spawn(relay(out, self.index, Stream::Stdout));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(relay(err, self.index, Stream::Stderr));
+            self.tasks.spawn(relay(err, self.index, Stream::Stderr));
         }
         Ok(child)
     }
@@ -611,6 +669,14 @@ impl Watcher {
             }
         }
         self.guard.forget(pid);
+    }
+}
+
+/// Removes the socket file at `addr`, if it is a worker's socket: its process is gone (or
+/// about to start afresh there).
+fn clear_socket(addr: &BackendAddr) {
+    if let Some(path) = place::socket_file(addr) {
+        sockets::remove_socket(path);
     }
 }
 

@@ -18,6 +18,8 @@ Protocol with the tests:
   --bind-delay S: wait S seconds before listening (a worker that is slow to boot).
   --stall-if-exists PATH: never listen if PATH exists when the worker starts (a
           replacement that never becomes ready, while the first process serves).
+  --address ADDR: bind ADDR (unix:PATH, unix-abstract:NAME) instead of --host/--port;
+          by default unix:$PORTSHARE_SOCKET when portshare gives the worker a socket.
 """
 
 import argparse
@@ -216,6 +218,9 @@ def main():
     parser.add_argument("--port", type=int, default=int(env_port) if env_port else 0,
                         help="port to listen on (default: $PORTSHARE_PORT, else a free one)")
     parser.add_argument("--host", default="127.0.0.1")
+    env_socket = os.environ.get("PORTSHARE_SOCKET")
+    parser.add_argument("--address", default=f"unix:{env_socket}" if env_socket else None,
+                        help="bind this instead of HOST:PORT (default: unix:$PORTSHARE_SOCKET)")
     parser.add_argument("--name", default=f"w{env_index}" if env_index else f"w{os.getpid()}")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds in-flight calls get to finish on SIGTERM/SIGINT")
@@ -285,7 +290,7 @@ def main():
         if stop.wait(args.bind_delay):
             return 0
 
-    address = f"{args.host}:{args.port}"
+    address = args.address or f"{args.host}:{args.port}"
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:  # recent grpcio raises; older ones returned 0

@@ -175,13 +175,16 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// A real Python grpcio worker (tests/python/worker.py) on a free port.
+/// A real Python grpcio worker (tests/python/worker.py) on a free port, or on a Unix
+/// socket.
 pub struct Worker {
     child: Child,
     /// Its name, as it reports it in replies.
     pub name: String,
-    /// The port it listens on (127.0.0.1).
+    /// The port it listens on (127.0.0.1); meaningless when `address` is set.
     pub port: u16,
+    /// The address it listens on instead of a port (`unix:PATH`, `unix-abstract:NAME`).
+    pub address: Option<String>,
     /// Its stderr: `CALL <method> <peer>` and `CANCELLED <method>` lines.
     pub log: Lines,
 }
@@ -189,13 +192,25 @@ pub struct Worker {
 impl Worker {
     /// Starts `names.len()` workers at once and waits until each has bound its port.
     pub fn start_many(names: &[&str]) -> Vec<Worker> {
+        let at: Vec<(&str, Option<String>)> = names.iter().map(|n| (*n, None)).collect();
+        Self::start_at(&at)
+    }
+
+    /// Starts workers at once, each named and bound to its address (`unix:PATH`,
+    /// `unix-abstract:NAME`; `None`: a free port), and waits until each listens.
+    pub fn start_at(workers: &[(&str, Option<String>)]) -> Vec<Worker> {
         let python = python();
-        let pending: Vec<_> = names
+        let pending: Vec<_> = workers
             .iter()
-            .map(|name| {
+            .map(|(name, address)| {
+                let bind: Vec<&str> = match address {
+                    Some(a) => vec!["--address", a],
+                    None => vec!["--port", "0"],
+                };
                 let mut child = Command::new(python)
                     .arg(python_dir().join("worker.py"))
-                    .args(["--port", "0", "--name", name])
+                    .args(bind)
+                    .args(["--name", name])
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
@@ -209,12 +224,12 @@ impl Worker {
                 if let Some(err) = child.stderr.take() {
                     log.follow(err, format!("[{name}]"), None);
                 }
-                (name.to_string(), child, log, rx)
+                (name.to_string(), address.clone(), child, log, rx)
             })
             .collect();
         pending
             .into_iter()
-            .map(|(name, mut child, log, rx)| {
+            .map(|(name, address, mut child, log, rx)| {
                 let port = loop {
                     let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
                         let _ = child.kill();
@@ -228,15 +243,19 @@ impl Worker {
                     child,
                     name,
                     port,
+                    address,
                     log,
                 }
             })
             .collect()
     }
 
-    /// `127.0.0.1:<port>`.
+    /// `127.0.0.1:<port>`, or its socket address as `--backend` takes it.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match &self.address {
+            Some(a) => a.clone(),
+            None => format!("127.0.0.1:{}", self.port),
+        }
     }
 
     /// Its process id.
@@ -622,4 +641,52 @@ pub fn json_lines(path: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
         .collect()
+}
+
+/// One call of each kind through `target` (unary, server stream of 200, client stream of
+/// 100 × 1000 bytes, bidi of 10,000), each checked complete and in order.
+pub fn every_call_kind_ok(target: &str) {
+    let r = unary_ok(target);
+    assert_eq!(r["payload_ok"], true, "{r}");
+
+    let r = client(&["server-stream", "--target", target, "--count", "200"]);
+    assert_eq!(
+        (
+            r["code"].as_str(),
+            r["received"].as_u64(),
+            r["in_order"].as_bool()
+        ),
+        (Some("OK"), Some(200), Some(true)),
+        "{r}"
+    );
+
+    let r = client(&[
+        "client-stream",
+        "--target",
+        target,
+        "--count",
+        "100",
+        "--payload-size",
+        "1000",
+    ]);
+    assert_eq!(
+        (
+            r["code"].as_str(),
+            r["seq"].as_u64(),
+            r["payload_ok"].as_bool()
+        ),
+        (Some("OK"), Some(100), Some(true)),
+        "{r}"
+    );
+
+    let r = client(&["bidi", "--target", target, "--count", "10000"]);
+    assert_eq!(
+        (
+            r["code"].as_str(),
+            r["received"].as_u64(),
+            r["in_order"].as_bool()
+        ),
+        (Some("OK"), Some(10000), Some(true)),
+        "{r}"
+    );
 }
