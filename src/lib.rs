@@ -27,6 +27,8 @@
 //!   Trailers-Only answers, the `grpc.health.v1` messages.
 //! - [`health`]: active checks (TCP, `grpc.health.v1`) of every backend, following the set's
 //!   membership, reporting to each backend's state.
+//! - [`reuseport`]: reuseport mode (Linux): the public address held for the workers, which
+//!   listen on it themselves; the `tcp_migrate_req` warning.
 //! - [`supervisor`]: spawned workers: port plan or socket directory, start, restart, surge
 //!   replacement, drain and stop, crash loops.
 //! - [`backoff`]: the one jittered exponential backoff.
@@ -58,6 +60,7 @@ pub mod l4;
 pub mod listener;
 pub mod metrics;
 pub mod reload;
+pub mod reuseport;
 pub mod shutdown;
 pub mod status;
 pub mod supervisor;
@@ -122,6 +125,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// reuseport mode: the public address cannot be held for the workers.
+    #[error(transparent)]
+    Shared(#[from] reuseport::SharedError),
     /// The data-path threads could not be started.
     #[error("cannot start the data-path threads: {0}")]
     Runtime(#[source] io::Error),
@@ -133,12 +139,21 @@ fn data_thread_count() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
+/// The public address as `run` gets it.
+#[derive(Debug)]
+pub enum Public {
+    /// l4 and h2: portshare's own listener.
+    Listener(TcpListener),
+    /// reuseport: held for the workers, which listen on it themselves.
+    Shared(reuseport::SharedPort),
+}
+
 /// The bound sockets `run` serves: the binary binds the configured addresses, tests bind
 /// port 0 and read the real ones back.
 #[derive(Debug)]
 pub struct Listeners {
-    /// The public listener.
-    pub proxy: TcpListener,
+    /// The public listener (or, in reuseport mode, the address held for the workers).
+    pub proxy: Public,
     /// The admin listener, if enabled.
     pub admin: Option<TcpListener>,
 }
@@ -148,8 +163,12 @@ impl Listeners {
     pub fn bind(config: &Config) -> Result<Self, Error> {
         let bind =
             |role, addr| listener::bind(addr).map_err(|source| Error::Bind { role, addr, source });
+        let proxy = match config.mode {
+            Mode::Reuseport => Public::Shared(reuseport::SharedPort::hold(config.listener.addr)?),
+            Mode::L4 | Mode::H2 => Public::Listener(bind("proxy", config.listener.addr)?),
+        };
         Ok(Self {
-            proxy: bind("proxy", config.listener.addr)?,
+            proxy,
             admin: config.admin.map(|a| bind("admin", a)).transpose()?,
         })
     }
@@ -189,7 +208,7 @@ async fn l4_connection(
 /// Requests on `controls` reload the configuration (read again by `load`), restart spawned
 /// workers, or pass signals to them.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
     prometheus: Option<PrometheusHandle>,
@@ -203,6 +222,11 @@ pub async fn run(
         .map(tls::Tls::new)
         .transpose()?
         .map(Arc::new);
+    if let (Public::Shared(held), Some(w)) = (&listeners.proxy, config.workers.as_mut()) {
+        // Port 0 asked for: the workers bind the port the OS picked.
+        w.shared = Some(held.addr());
+        reuseport::Migration::read().warn();
+    }
     let places = match &config.workers {
         None => Vec::new(),
         Some(w) => supervisor::plan(w)?,
@@ -241,7 +265,12 @@ pub async fn run(
     if let Some(t) = &tls {
         background.spawn(Arc::clone(t).watch(background_stop.clone()));
     }
-    log_bound("proxy", &listeners.proxy);
+    match &listeners.proxy {
+        Public::Listener(l) => log_bound("proxy", l),
+        Public::Shared(held) => {
+            tracing::info!(listener = "proxy", addr = %held.addr(), by = "the workers, SO_REUSEPORT", "listening")
+        }
+    }
     if let Some(l) = listeners.admin {
         log_bound("admin", &l);
         let state = admin::AdminState {
@@ -286,7 +315,7 @@ pub async fn run(
     };
     let data_threads = match config.mode {
         Mode::H2 => Some(DataThreads::start(data_thread_count()).map_err(Error::Runtime)?),
-        Mode::L4 => None,
+        Mode::L4 | Mode::Reuseport => None,
     };
     let abort = shutdown.abort_token().clone();
     let conn_tls = tls.clone();
@@ -303,8 +332,17 @@ pub async fn run(
         tasks: background.clone(),
         stop: background_stop.clone(),
     };
-    let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match config.mode {
-        Mode::L4 => {
+    let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match (config.mode, listeners.proxy)
+    {
+        // The workers serve; portshare holds the address until the stop begins.
+        (_, Public::Shared(held)) => {
+            let stop = shutdown.stop_token().clone();
+            Box::pin(async move {
+                stop.cancelled().await;
+                drop(held);
+            })
+        }
+        (Mode::L4 | Mode::Reuseport, Public::Listener(proxy_listener)) => {
             let proxy = Arc::new(
                 L4Proxy::new(
                     config.l4.clone(),
@@ -316,7 +354,7 @@ pub async fn run(
             );
             live.l4 = Some(Arc::clone(&proxy));
             Box::pin(listener::serve(
-                listeners.proxy,
+                proxy_listener,
                 Arc::clone(&limit),
                 &shutdown,
                 None,
@@ -331,7 +369,7 @@ pub async fn run(
                 },
             ))
         }
-        Mode::H2 => {
+        (Mode::H2, Public::Listener(proxy_listener)) => {
             let proxy = Arc::new(
                 H2Proxy::new(
                     config.h2.clone(),
@@ -344,7 +382,7 @@ pub async fn run(
             live.h2 = Some(Arc::clone(&proxy));
             let stop = shutdown.stop_token().clone();
             Box::pin(listener::serve(
-                listeners.proxy,
+                proxy_listener,
                 Arc::clone(&limit),
                 &shutdown,
                 data_threads.as_ref(),

@@ -239,6 +239,7 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
             now.count = was.count;
             now.command.clone_from(&was.command);
             now.port_base = was.port_base;
+            now.shared = was.shared;
             now.socket_dir.clone_from(&was.socket_dir);
             now.crash_loop_restarts = was.crash_loop_restarts;
             now.crash_loop_window = was.crash_loop_window;

@@ -2,8 +2,10 @@
 
 portshare (https://pypi.org/project/portshare/) starts N copies of a gRPC server on their
 own ports and balances one public port over them. Each copy has to bind the port it is
-given without SO_REUSEPORT, answer ``grpc.health.v1``, and stop gracefully on SIGTERM or
-when portshare is gone. ``serve`` does all of that::
+given without SO_REUSEPORT (in portshare's reuseport mode on Linux: that port and the
+public address ``$PORTSHARE_SHARED_ADDR``, shared with SO_REUSEPORT), answer
+``grpc.health.v1``, and stop gracefully on SIGTERM or when portshare is gone. ``serve``
+does all of that::
 
     import portshare
 
@@ -27,10 +29,11 @@ from ._common import (
     ParentWatch,
     check_port_free,
     resolve_port,
+    resolve_shared,
     resolve_socket,
 )
 from ._find import find_executable
-from ._sync import SyncHealth, serve, server, with_reuseport_off
+from ._sync import SyncHealth, serve, server, with_reuseport_off, with_worker_reuseport
 
 try:
     __version__ = metadata.version("portshare")
@@ -49,9 +52,11 @@ __all__ = [
     "check_port_free",
     "find_executable",
     "resolve_port",
+    "resolve_shared",
     "resolve_socket",
     "serve",
     "serve_async",
     "server",
     "with_reuseport_off",
+    "with_worker_reuseport",
 ]

@@ -18,17 +18,20 @@ from ._common import (
     DEFAULT_HOST,
     PARENT_POLL_INTERVAL,
     ParentWatch,
+    bind_shared,
     grace_seconds,
     listen,
     log,
+    resolve_shared,
     stop_signals,
 )
-from ._sync import ChannelOption, _serving_status, with_reuseport_off
+from ._sync import ChannelOption, _serving_status, with_worker_reuseport
 
 
 def aio_server(*, options: Iterable[ChannelOption] = (), **kwargs: Any) -> grpc.aio.Server:
-    """``grpc.aio.server(...)`` with SO_REUSEPORT off (see ``portshare.server``)."""
-    return grpc.aio.server(options=with_reuseport_off(options), **kwargs)
+    """``grpc.aio.server(...)`` with SO_REUSEPORT off, or on in portshare's reuseport
+    mode (see ``portshare.server``)."""
+    return grpc.aio.server(options=with_worker_reuseport(options), **kwargs)
 
 
 class AsyncHealth(Protocol):
@@ -125,12 +128,19 @@ async def serve_async(
         signals.install()
     try:
         address, bound = listen(server, host, port)
+        shared = resolve_shared()
+        if shared is not None:
+            bind_shared(server, shared)
         servicer = _add_health(server, health)
         await server.start()
         if servicer is not None:
             for name in ("", *health_services):
                 await servicer.set(name, _serving_status("SERVING"))
-        log.info("serving on %s", address)
+        log.info(
+            "serving on %s%s",
+            address,
+            "" if shared is None else f" and, shared with the other workers, {shared}",
+        )
         if on_serving is not None:
             on_serving(bound)
 

@@ -31,6 +31,14 @@ PARENT_POLL_INTERVAL = 0.5
 #: default on Linux): two servers then silently share a port instead of the second failing.
 REUSEPORT_OFF = ("grpc.so_reuseport", 0)
 
+#: The same option on: under portshare's reuseport mode (Linux), every worker binds the
+#: public address with SO_REUSEPORT and the kernel spreads the connections over them.
+REUSEPORT_ON = ("grpc.so_reuseport", 1)
+
+#: Set by portshare in reuseport mode: the public ``HOST:PORT`` every worker binds too,
+#: beside its own ``PORTSHARE_PORT``, which portshare keeps for its health checks.
+SHARED_ADDR_ENV = "PORTSHARE_SHARED_ADDR"
+
 
 class BindError(RuntimeError):
     """The server could not listen on its address (most often: the port is taken).
@@ -71,6 +79,30 @@ def resolve_port(
         "no port to listen on: pass port=..., give --port N, "
         "or run under portshare (which sets PORTSHARE_PORT)"
     )
+
+
+def resolve_shared(environ: Mapping[str, str] | None = None) -> str | None:
+    """The public address to share with the other workers (``$PORTSHARE_SHARED_ADDR``, set
+    by portshare in reuseport mode), or None when this worker has its own port only.
+
+    Raises ``ValueError`` when it is set but not ``HOST:PORT`` with a port from 1 to 65535.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get(SHARED_ADDR_ENV, "").strip()
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{SHARED_ADDR_ENV}: {value!r} is not HOST:PORT")
+    if _parse_port(port, SHARED_ADDR_ENV) == 0:
+        raise ValueError(f"{SHARED_ADDR_ENV}: {value!r} has port 0")
+    return value
+
+
+def reuseport_option() -> tuple[str, int]:
+    """The ``grpc.so_reuseport`` option a worker's server is built with: on in portshare's
+    reuseport mode (``$PORTSHARE_SHARED_ADDR`` set), off otherwise."""
+    return REUSEPORT_ON if resolve_shared() is not None else REUSEPORT_OFF
 
 
 def _port_flag(argv: Sequence[str] | None) -> str | None:
@@ -184,6 +216,29 @@ def bind(server: _Server, host: str, port: int) -> int:
     if not bound:
         raise BindError(address, "grpcio could not bind it (is the port taken?)")
     return bound
+
+
+def bind_shared(server: _Server, address: str) -> int:
+    """Binds ``server`` to the public ``address`` it shares with the other workers
+    (portshare's reuseport mode); returns the port.
+
+    No free-port check here: portshare itself holds the address (bound, not listening) so
+    that nobody else takes it. The bind succeeds only with SO_REUSEPORT on, as
+    ``portshare.server()`` builds the server when ``$PORTSHARE_SHARED_ADDR`` is set.
+    """
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise BindError(address, f"grpcio could not bind it ({exc}); {_SHARED_HINT}") from exc
+    if not bound:
+        raise BindError(address, f"grpcio could not bind it; {_SHARED_HINT}")
+    return bound
+
+
+_SHARED_HINT = (
+    "the shared address needs the server built with grpc.so_reuseport on "
+    "(portshare.server() does so when PORTSHARE_SHARED_ADDR is set)"
+)
 
 
 def bind_socket(server: _Server, path: str) -> str:

@@ -18,9 +18,12 @@ from ._common import (
     PARENT_POLL_INTERVAL,
     REUSEPORT_OFF,
     ParentWatch,
+    bind_shared,
     grace_seconds,
     listen,
     log,
+    resolve_shared,
+    reuseport_option,
     stop_signals,
 )
 
@@ -36,6 +39,13 @@ def with_reuseport_off(options: Iterable[ChannelOption] = ()) -> list[ChannelOpt
     return [opt for opt in options if opt[0] != REUSEPORT_OFF[0]] + [REUSEPORT_OFF]
 
 
+def with_worker_reuseport(options: Iterable[ChannelOption] = ()) -> list[ChannelOption]:
+    """``options`` with ``grpc.so_reuseport`` as a portshare worker needs it (replacing any
+    value given): on in reuseport mode (``$PORTSHARE_SHARED_ADDR`` set), else off."""
+    wanted = reuseport_option()
+    return [opt for opt in options if opt[0] != wanted[0]] + [wanted]
+
+
 def server(
     max_workers: int = 8,
     *,
@@ -45,12 +55,15 @@ def server(
     """``grpc.server(ThreadPoolExecutor(max_workers), ...)`` with SO_REUSEPORT off.
 
     Options can only be given when a grpcio server is built, so this is the way to be sure
-    that no *later* server can quietly share this one's port. Other keyword arguments go
-    to ``grpc.server`` as they are (``interceptors``, ``maximum_concurrent_rpcs``, ...).
+    that no *later* server can quietly share this one's port. Under portshare's reuseport
+    mode (``$PORTSHARE_SHARED_ADDR`` set) SO_REUSEPORT is on instead, since the workers
+    share the public address; portshare holds it so that no one else joins. Other keyword
+    arguments go to ``grpc.server`` as they are (``interceptors``,
+    ``maximum_concurrent_rpcs``, ...).
     """
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        options=with_reuseport_off(options),
+        options=with_worker_reuseport(options),
         **kwargs,
     )
 
@@ -138,6 +151,9 @@ def serve(
       then unused, and ``on_serving`` gets port 0). Raises ``BindError`` if the port is
       taken, even by a server with SO_REUSEPORT (see ``check_port_free``); build the
       server with ``portshare.server()`` so that no later one can share it either.
+    - In portshare's reuseport mode (``$PORTSHARE_SHARED_ADDR`` set) it also listens on
+      that public address, which every worker binds with SO_REUSEPORT; the server must
+      be built with ``grpc.so_reuseport`` on, as ``portshare.server()`` then does.
     - ``health``: True registers ``grpc.health.v1`` (if grpcio-health-checking is
       installed), SERVING for ``""`` and every name in ``health_services`` once started;
       or pass your own ``HealthServicer``, already added to the server. Every service
@@ -156,12 +172,19 @@ def serve(
         signals.install()  # before binding: a SIGTERM at start-up must not be lost
     try:
         address, bound = listen(server, host, port)
+        shared = resolve_shared()
+        if shared is not None:
+            bind_shared(server, shared)
         servicer = _add_health(server, health)
         server.start()
         if servicer is not None:
             for name in ("", *health_services):
                 servicer.set(name, _serving_status("SERVING"))
-        log.info("serving on %s", address)
+        log.info(
+            "serving on %s%s",
+            address,
+            "" if shared is None else f" and, shared with the other workers, {shared}",
+        )
         if on_serving is not None:
             on_serving(bound)
 

@@ -95,9 +95,9 @@ pub const KEYS: &[Key] = &[
     ),
     key(
         "mode",
-        Some("--mode l4|h2"),
+        Some("--mode l4|h2|reuseport"),
         Text("l4"),
-        "l4: each client connection goes to one backend, bytes copied both ways; h2: HTTP/2 terminated and every call balanced on its own.",
+        "l4: each client connection goes to one backend, bytes copied both ways; h2: HTTP/2 terminated and every call balanced on its own; reuseport (Linux, spawned workers only): the workers share the listen address with SO_REUSEPORT, portshare supervises them and is not in the data path.",
     ),
     key(
         "backends",
@@ -296,7 +296,7 @@ pub const KEYS: &[Key] = &[
         "workers.command",
         Some("-- COMMAND ARGS..."),
         Unset(""),
-        "The worker command and its arguments; {port} becomes the worker's port (with socket_dir: {socket} its socket path) and {index} its number.",
+        "The worker command and its arguments; {port} becomes the worker's port (with socket_dir: {socket} its socket path) and {index} its number (reuseport mode: {shared}, the listen address every worker binds with SO_REUSEPORT).",
     ),
     key(
         "workers.port_base",

@@ -16,7 +16,12 @@ use crate::balance::Balance;
 use crate::supervisor::WorkerOutput;
 
 /// Environment variables with the `PORTSHARE_` prefix that are not config keys.
-const NOT_CONFIG_KEYS: [&str; 3] = ["PORTSHARE_LOG", "PORTSHARE_PORT", "PORTSHARE_WORKER_INDEX"];
+const NOT_CONFIG_KEYS: [&str; 4] = [
+    "PORTSHARE_LOG",
+    "PORTSHARE_PORT",
+    "PORTSHARE_WORKER_INDEX",
+    "PORTSHARE_SHARED_ADDR",
+];
 
 /// Whether an environment variable is meant as a config key. Kubernetes gives every pod
 /// `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT_50051_TCP`, ... for each Service, so a Service
@@ -37,7 +42,7 @@ fn is_config_var(name: &str) -> bool {
 pub struct RawConfig {
     /// The public listener, `HOST:PORT`.
     pub listen: Option<String>,
-    /// l4 or h2.
+    /// l4, h2 or reuseport.
     pub mode: Option<Word<Mode>>,
     /// Workers that already run: `HOST:PORT` or `HOST:P1-P2`.
     pub backends: Option<Vec<String>>,

@@ -356,6 +356,53 @@ fn every_flag_of_the_keys_table_sets_its_key() {
     }
 }
 
+fn reuseport_opts() -> Opts {
+    Opts {
+        listen: Some("127.0.0.1:50051".into()),
+        mode: Some("reuseport".into()),
+        workers: Some("2".into()),
+        command: vec!["python".into(), "server.py".into()],
+        ..Opts::default()
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn reuseport_gives_the_workers_the_listen_address() {
+    let c = load(&reuseport_opts(), &env(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.mode, Mode::Reuseport);
+    let shared = c.workers.and_then(|w| w.shared).map(|a| a.to_string());
+    assert_eq!(shared.as_deref(), Some("127.0.0.1:50051"));
+    // The other modes give the workers no shared address.
+    let mut l4 = reuseport_opts();
+    l4.mode = None;
+    let c = load(&l4, &env(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.workers.and_then(|w| w.shared), None);
+}
+
+#[test]
+fn reuseport_refusals_name_their_key() {
+    let static_backends = Opts {
+        mode: Some("reuseport".into()),
+        ..opts(&["127.0.0.1:9"])
+    };
+    let e = load_err(&static_backends, &env(&[]));
+    assert_eq!(e.key, "mode");
+    assert!(e.problem.contains("l4 and h2"), "{e}");
+    if cfg!(target_os = "linux") {
+        assert!(e.problem.contains("spawned workers"), "{e}");
+        for (var, value, key) in [
+            ("PORTSHARE_ACCESS_LOG", "stdout", "access_log"),
+            ("PORTSHARE_WORKERS__MAX_CALLS", "1000", "workers.max_calls"),
+        ] {
+            let e = load_err(&reuseport_opts(), &env(&[(var, value)]));
+            assert_eq!(e.key, key, "{e}");
+        }
+    } else {
+        assert!(e.problem.contains("needs Linux"), "{e}");
+    }
+}
+
 #[test]
 fn unix_socket_backends_are_kept_as_written() {
     let given = [

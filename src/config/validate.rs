@@ -111,10 +111,18 @@ impl RawConfig {
             }
             _ => {}
         }
+        let mut workers = workers;
+        if mode == Mode::Reuseport {
+            reuseport_fits(workers.is_some(), self.tls.as_ref())?;
+            if let Some(w) = workers.as_mut() {
+                w.shared = Some(listen);
+            }
+        }
         let health = self.health.clone().unwrap_or_default().validate()?;
         let balance = match (self.balance, mode) {
             (Some(Word(b)), _) => b,
-            (None, Mode::L4) => Balance::LeastConn,
+            // reuseport: the kernel picks; the balance applies to nothing.
+            (None, Mode::L4 | Mode::Reuseport) => Balance::LeastConn,
             // Calls are short and many: p2c spreads them without herding on one "best".
             (None, Mode::H2) => Balance::P2c,
         };
@@ -154,6 +162,9 @@ impl RawConfig {
             "stderr" => Some(access_log::Target::Stderr),
             path => Some(access_log::Target::File(path.into())),
         };
+        if mode == Mode::Reuseport {
+            reuseport_sees_no_calls(access_log.is_some(), workers.as_ref())?;
+        }
         let queue_timeout = duration("queue_timeout", &self.queue_timeout)?;
         let h2 = self.h2.clone().unwrap_or_default().validate(
             connect_timeout,
@@ -189,6 +200,52 @@ impl RawConfig {
             access_log,
         })
     }
+}
+
+/// Whether `mode = "reuseport"` can run here: Linux, spawned workers (the workers bind the
+/// shared address themselves, so they must be portshare's), and no TLS (portshare sees no
+/// byte of the calls; the workers would terminate TLS themselves).
+fn reuseport_fits(spawned: bool, tls: Option<&RawTls>) -> Result<(), ConfigError> {
+    if !cfg!(target_os = "linux") {
+        return Err(err(
+            "mode",
+            "reuseport needs Linux (the kernel spreads connections over the workers' SO_REUSEPORT sockets); l4 and h2 are the portable modes",
+        ));
+    }
+    if !spawned {
+        return Err(err(
+            "mode",
+            "reuseport needs spawned workers (--workers N -- COMMAND), which bind the listen address themselves; for backends that already run, l4 and h2 are the modes",
+        ));
+    }
+    if tls.is_some_and(|t| t.cert.as_deref().is_some_and(|c| !c.is_empty())) {
+        return Err(err(
+            "mode",
+            "reuseport leaves the connections to the workers, so portshare cannot terminate TLS ([tls]); let the workers do it, or use l4 or h2",
+        ));
+    }
+    Ok(())
+}
+
+/// In reuseport mode portshare never sees a call or a client connection, so what counts
+/// them would silently do nothing: refused instead, naming the key.
+fn reuseport_sees_no_calls(
+    access_log: bool,
+    workers: Option<&WorkersConfig>,
+) -> Result<(), ConfigError> {
+    if access_log {
+        return Err(err(
+            "access_log",
+            "reuseport mode: the calls go to the workers, not through portshare, so there is nothing to log; turn it off (the workers log their own calls)",
+        ));
+    }
+    if workers.is_some_and(|w| w.max_calls.is_some()) {
+        return Err(err(
+            "workers.max_calls",
+            "reuseport mode: portshare sees no calls to count; recycle by workers.max_lifetime or workers.max_memory instead",
+        ));
+    }
+    Ok(())
 }
 
 impl RawTls {
@@ -363,6 +420,8 @@ impl RawWorkers {
         Ok(WorkersConfig {
             count,
             command,
+            // Set for reuseport mode once the mode is known (see `validate_with`).
+            shared: None,
             port_base,
             socket_dir,
             env: self.env.clone().unwrap_or_default(),

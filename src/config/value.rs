@@ -231,6 +231,9 @@ keyword_enum! {
         L4 = "l4",
         /// HTTP/2 is terminated and every call is balanced on its own.
         H2 = "h2",
+        /// Linux, spawned workers only: the workers share the public port with SO_REUSEPORT
+        /// and the kernel spreads the connections; portshare supervises and checks them.
+        Reuseport = "reuseport",
     }
 }
 
@@ -285,7 +288,7 @@ mod tests {
         );
         assert_eq!(
             Mode::from_word("l7"),
-            Err("unknown mode \"l7\" (expected l4 or h2)".into())
+            Err("unknown mode \"l7\" (expected l4, h2 or reuseport)".into())
         );
     }
 

@@ -5,6 +5,7 @@
 //! a grace period).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,9 +43,12 @@ impl WorkerOutput {
 pub struct WorkersConfig {
     /// How many run at once.
     pub count: usize,
-    /// Program and arguments; `{port}` (or `{socket}`) and `{index}` are substituted in
-    /// the arguments.
+    /// Program and arguments; `{port}` (or `{socket}`) and `{index}` (and, in reuseport
+    /// mode, `{shared}`) are substituted in the arguments.
     pub command: Vec<String>,
+    /// reuseport mode: the public address every worker binds too, with SO_REUSEPORT, given
+    /// as `{shared}` and `PORTSHARE_SHARED_ADDR`; its own port stays for the checks.
+    pub shared: Option<SocketAddr>,
     /// Worker i listens on `port_base + i` and its replacement on `port_base + count + i`;
     /// 0 means free ports picked at start. Unused with `socket_dir`.
     pub port_base: u16,

@@ -613,16 +613,21 @@ impl Watcher {
             self.config.command.split_first().ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidInput, "empty worker command")
             })?;
+        let shared = self.config.shared.map(|a| a.to_string());
         let mut cmd = Command::new(program);
-        cmd.args(
-            args.iter()
-                .map(|a| a.replace(placeholder, &value).replace("{index}", &index)),
-        )
+        cmd.args(args.iter().map(|a| {
+            let a = a.replace(placeholder, &value).replace("{index}", &index);
+            match &shared {
+                Some(shared) => a.replace("{shared}", shared),
+                None => a,
+            }
+        }))
         .env(variable, &value)
         .env("PORTSHARE_WORKER_INDEX", &index)
         // Lets a worker notice that portshare is gone (its parent pid changes) where the
         // OS cannot kill it for us (macOS has no parent-death signal).
         .env("PORTSHARE_PID", std::process::id().to_string())
+        .envs(shared.as_ref().map(|a| ("PORTSHARE_SHARED_ADDR", a)))
         .envs(&self.config.env)
         .stdin(Stdio::null())
         // Should this task ever be dropped without stopping its worker, the worker dies.
