@@ -6,6 +6,7 @@ deadline, never a fixed sleep.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -139,3 +140,43 @@ def start_worker(mode: str) -> Iterator[object]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def serving_in_thread(port: int | None = None, **options: Any) -> Iterator[list[int]]:
+    """Runs ``portshare.serve`` (one-thread server, no signal handling, no parent watch, plus
+    ``options``) on a thread; yields the ports it reported serving on once it has, then
+    stops it and checks that it returned 0."""
+    import portshare
+
+    stop = threading.Event()
+    served: list[int] = []
+    result: list[int] = []
+    args = () if port is None else (port,)
+
+    def run() -> None:
+        result.append(
+            portshare.serve(
+                portshare.server(max_workers=1),
+                *args,
+                stop_event=stop,
+                on_serving=served.append,
+                handle_signals=False,
+                watch_parent=False,
+                **options,
+            )
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        for _ in range(300):  # up to 30 s: poll, do not sleep a guess
+            if served or not thread.is_alive():
+                break
+            thread.join(0.1)
+        assert served, "serve() did not report serving"
+        yield served
+    finally:
+        stop.set()
+        thread.join(15)
+    assert result == [0]

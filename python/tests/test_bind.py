@@ -7,7 +7,6 @@ import os
 import socket
 import stat
 import sys
-import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -17,6 +16,7 @@ import grpc.aio
 import pytest
 
 import portshare
+from conftest import serving_in_thread
 from portshare import _common
 
 QUIET = {"handle_signals": False, "watch_parent": False, "health": False}
@@ -89,36 +89,10 @@ def test_factories_force_reuseport_off_over_a_given_value() -> None:
 
 
 def test_serve_returns_0_when_its_stop_event_is_set() -> None:
-    stop = threading.Event()
-    served: list[int] = []
-    result: list[int] = []
-
-    def run() -> None:
-        result.append(
-            portshare.serve(
-                portshare.server(max_workers=1),
-                0,
-                stop_event=stop,
-                on_serving=served.append,
-                handle_signals=False,
-                watch_parent=False,
-            )
-        )
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        for _ in range(300):  # up to 30 s: poll, do not sleep a guess
-            if served:
-                break
-            thread.join(0.1)
-        assert served and served[0] > 0
+    with serving_in_thread(0) as served:
+        assert served[0] > 0
         with grpc.insecure_channel(f"127.0.0.1:{served[0]}") as channel:
             grpc.channel_ready_future(channel).result(timeout=10)
-    finally:
-        stop.set()
-        thread.join(15)
-    assert result == [0]
 
 
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX") or os.name == "nt", reason="Unix sockets")
@@ -129,36 +103,11 @@ def test_serve_binds_the_socket_portshare_gives(
     monkeypatch.setenv("PORTSHARE_SOCKET", str(path))
     monkeypatch.delenv("PORTSHARE_PORT", raising=False)
     monkeypatch.setattr(sys, "argv", ["worker.py"])
-    stop = threading.Event()
-    served: list[int] = []
-    result: list[int] = []
-
-    def run() -> None:
-        result.append(
-            portshare.serve(
-                portshare.server(max_workers=1),
-                stop_event=stop,
-                on_serving=served.append,
-                handle_signals=False,
-                watch_parent=False,
-            )
-        )
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        for _ in range(300):  # up to 30 s: poll, do not sleep a guess
-            if served or not thread.is_alive():
-                break
-            thread.join(0.1)
+    with serving_in_thread() as served:
         assert served == [0]
         assert stat.S_ISSOCK(path.stat().st_mode)
         with grpc.insecure_channel(f"unix:{path}") as channel:
             grpc.channel_ready_future(channel).result(timeout=10)
-    finally:
-        stop.set()
-        thread.join(15)
-    assert result == [0]
 
 
 def test_a_socket_that_cannot_be_bound_is_a_bind_error(tmp_path: Path) -> None:

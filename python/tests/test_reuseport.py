@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import socket
 import sys
-import threading
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
 import portshare
+from conftest import serving_in_thread
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing is Linux's")
 
@@ -55,38 +55,11 @@ def test_serve_listens_on_its_port_and_the_shared_address(
     held_address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PORTSHARE_SHARED_ADDR", held_address)
-    stop = threading.Event()
-    served: list[int] = []
-    result: list[int] = []
-
-    def run() -> None:
-        result.append(
-            portshare.serve(
-                portshare.server(max_workers=1),
-                0,
-                stop_event=stop,
-                on_serving=served.append,
-                handle_signals=False,
-                watch_parent=False,
-                health=False,
-            )
-        )
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        for _ in range(300):  # up to 30 s: poll, do not sleep a guess
-            if served or not thread.is_alive():
-                break
-            thread.join(0.1)
-        assert served and served[0] > 0
+    with serving_in_thread(0, health=False) as served:
+        assert served[0] > 0
         for target in (f"127.0.0.1:{served[0]}", held_address):
             with grpc.insecure_channel(target) as channel:
                 grpc.channel_ready_future(channel).result(timeout=10)
-    finally:
-        stop.set()
-        thread.join(15)
-    assert result == [0]
 
 
 @linux_only
