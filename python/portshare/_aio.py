@@ -25,6 +25,7 @@ from ._common import (
     resolve_shared,
     stop_signals,
 )
+from ._shared import DRAIN_POLL_INTERVAL, begin_drain, shared_connections
 from ._sync import ChannelOption, _serving_status, with_worker_reuseport
 
 
@@ -129,8 +130,7 @@ async def serve_async(
     try:
         address, bound = listen(server, host, port)
         shared = resolve_shared()
-        if shared is not None:
-            bind_shared(server, shared)
+        shared_port = None if shared is None else bind_shared(server, shared)
         servicer = _add_health(server, health)
         await server.start()
         if servicer is not None:
@@ -157,8 +157,19 @@ async def serve_async(
 
         if servicer is not None:
             await servicer.enter_graceful_shutdown()
+        if shared_port is not None:
+            await _leave_and_drain(shared_port, grace)
         await server.stop(grace)
         log.info("stopped")
         return 0
     finally:
         signals.restore()
+
+
+async def _leave_and_drain(port: int, grace: float | None) -> None:
+    """``leave_and_drain`` without blocking the event loop, which serves the calls of
+    the connections still open meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + begin_drain(port, grace)
+    while shared_connections(port) and loop.time() < deadline:
+        await asyncio.sleep(DRAIN_POLL_INTERVAL)

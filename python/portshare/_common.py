@@ -201,21 +201,23 @@ class _Server(Protocol):
     def add_insecure_port(self, address: str) -> int: ...
 
 
-def bind(server: _Server, host: str, port: int) -> int:
-    """Checks the port is free, binds ``server`` to ``host:port``, returns the bound port.
-
-    grpcio reports a failed bind by returning 0 (older releases) or by raising
-    ``RuntimeError`` (newer ones): both become ``BindError``.
-    """
-    check_port_free(host, port)
-    address = format_address(host, port)
+def _add_port(server: _Server, address: str, hint: str) -> int:
+    """``server.add_insecure_port(address)``, returning the bound port. grpcio reports a
+    failed bind by returning 0 (older releases) or by raising ``RuntimeError`` (newer
+    ones): both become ``BindError``, with ``hint`` on what to look at."""
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise BindError(address, f"grpcio could not bind it ({exc})") from exc
+        raise BindError(address, f"grpcio could not bind it ({exc}); {hint}") from exc
     if not bound:
-        raise BindError(address, "grpcio could not bind it (is the port taken?)")
+        raise BindError(address, f"grpcio could not bind it; {hint}")
     return bound
+
+
+def bind(server: _Server, host: str, port: int) -> int:
+    """Checks the port is free, binds ``server`` to ``host:port``, returns the bound port."""
+    check_port_free(host, port)
+    return _add_port(server, format_address(host, port), "is the port taken?")
 
 
 def bind_shared(server: _Server, address: str) -> int:
@@ -226,19 +228,12 @@ def bind_shared(server: _Server, address: str) -> int:
     that nobody else takes it. The bind succeeds only with SO_REUSEPORT on, as
     ``portshare.server()`` builds the server when ``$PORTSHARE_SHARED_ADDR`` is set.
     """
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise BindError(address, f"grpcio could not bind it ({exc}); {_SHARED_HINT}") from exc
-    if not bound:
-        raise BindError(address, f"grpcio could not bind it; {_SHARED_HINT}")
-    return bound
-
-
-_SHARED_HINT = (
-    "the shared address needs the server built with grpc.so_reuseport on "
-    "(portshare.server() does so when PORTSHARE_SHARED_ADDR is set)"
-)
+    return _add_port(
+        server,
+        address,
+        "the shared address needs the server built with grpc.so_reuseport on "
+        "(portshare.server() does so when PORTSHARE_SHARED_ADDR is set)",
+    )
 
 
 def bind_socket(server: _Server, path: str) -> str:
@@ -247,12 +242,7 @@ def bind_socket(server: _Server, path: str) -> str:
     portshare gives each worker process a path of its own, and removes stale ones.)
     """
     address = f"unix:{path}"
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise BindError(address, f"grpcio could not bind it ({exc})") from exc
-    if not bound:
-        raise BindError(address, "grpcio could not bind it")
+    _add_port(server, address, "can this process create a socket in that directory?")
     return address
 
 

@@ -26,6 +26,7 @@ from ._common import (
     reuseport_option,
     stop_signals,
 )
+from ._shared import leave_and_drain
 
 ChannelOption = tuple[str, Any]
 
@@ -173,8 +174,7 @@ def serve(
     try:
         address, bound = listen(server, host, port)
         shared = resolve_shared()
-        if shared is not None:
-            bind_shared(server, shared)
+        shared_port = None if shared is None else bind_shared(server, shared)
         servicer = _add_health(server, health)
         server.start()
         if servicer is not None:
@@ -198,6 +198,8 @@ def serve(
 
         if servicer is not None:
             servicer.enter_graceful_shutdown()
+        if shared_port is not None:
+            leave_and_drain(shared_port, grace)
         done = server.stop(grace)
         while not done.wait(_STOP_POLL_INTERVAL):
             pass

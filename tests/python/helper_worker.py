@@ -7,6 +7,7 @@ Protocol with the tests: stdout "PORT <n>" once serving (its own port); the Echo
 name the worker "w<PORTSHARE_WORKER_INDEX>"; SIGTERM: graceful stop, exit 0.
 """
 
+import logging
 import os
 import sys
 
@@ -22,6 +23,9 @@ import portshare  # noqa: E402
 
 
 def main():
+    # The helper's own lines ("serving on ...", "left the shared port ...") go to stderr,
+    # which portshare copies into its log, where the tests look for them.
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     name = f"w{os.environ.get('PORTSHARE_WORKER_INDEX', os.getpid())}"
     server = portshare.server(
         max_workers=16,
