@@ -302,7 +302,7 @@ pub const KEYS: &[Key] = &[
         "workers.port_base",
         Some("--worker-port-base P"),
         Unset("listen port + 1"),
-        "Worker i listens on P+i and its replacement in a rolling restart on P+N+i (N workers take 2N ports); 0 picks free ports.",
+        "Worker i listens on P+i and its replacement in a rolling restart on P+N+i (N workers take 2N ports); 0 picks free ports. Not with socket_dir (workers on sockets have no ports).",
     ),
     key(
         "workers.socket_dir",

@@ -175,7 +175,8 @@ impl Config {
             workers: self.workers.as_ref().map(|w| RawWorkers {
                 count: Some(RawCount::Number(w.count as u64)),
                 command: Some(w.command.clone()),
-                port_base: Some(u64::from(w.port_base)),
+                // Workers on sockets have no ports (and the two keys exclude each other).
+                port_base: w.socket_dir.is_none().then_some(u64::from(w.port_base)),
                 socket_dir: w.socket_dir.as_ref().map(|p| p.display().to_string()),
                 env: Some(w.env.clone()),
                 cwd: w.cwd.as_ref().map(|p| p.display().to_string()),

@@ -254,9 +254,15 @@ fn check_prints_the_keys_of_the_keys_table() {
             _ => printed.push(k.clone()),
         }
     }
-    if cfg!(windows) {
-        printed.push("workers.socket_dir".to_owned());
-    }
+    // One of the two: with sockets (Unix, above) no port_base, on Windows no socket_dir.
+    printed.push(
+        if cfg!(windows) {
+            "workers.socket_dir"
+        } else {
+            "workers.port_base"
+        }
+        .to_owned(),
+    );
     printed.sort();
     let mut table: Vec<String> = keys::KEYS.iter().map(|k| k.name.to_owned()).collect();
     table.sort();
@@ -484,6 +490,26 @@ fn workers_on_sockets_need_no_port_and_no_port_placeholder() {
         };
         let e = load_err(&long, &env(&[]));
         assert!(e.to_string().starts_with("workers.socket_dir"), "{e}");
+        // A port base beside a socket directory would be silently unused: refused.
+        let with_base = Opts {
+            worker_port_base: Some(20000),
+            ..o.clone()
+        };
+        let e = load_err(&with_base, &env(&[]));
+        assert!(e.to_string().starts_with("workers.port_base"), "{e}");
+        assert!(e.to_string().contains("socket_dir"), "{e}");
+        // What `check` prints for workers on sockets loads again as it is.
+        let path =
+            std::env::temp_dir().join(format!("portshare-sockets-{}.toml", std::process::id()));
+        std::fs::write(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+        let again = Opts {
+            config: Some(path.clone()),
+            ..Opts::default()
+        };
+        let reloaded = load(&again, &env(&[]));
+        let _ = std::fs::remove_file(&path);
+        let reloaded = reloaded.unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(reloaded.to_toml(), text);
     }
     #[cfg(windows)]
     {

@@ -401,6 +401,12 @@ impl RawWorkers {
         let socket_dir = self.socket_dir(&command, count)?;
         // Workers on sockets have no ports to plan.
         let port_base = match socket_dir {
+            Some(_) if self.port_base.is_some() => {
+                return Err(err(
+                    "workers.port_base",
+                    "workers on sockets (workers.socket_dir) get no ports: give one of the two",
+                ));
+            }
             Some(_) => 0,
             None => self.port_base(listen, count)?,
         };
