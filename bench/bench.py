@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""portshare benchmark: portshare (l4, h2) against HAProxy, nginx, direct and SO_REUSEPORT.
+"""portshare benchmark: portshare (l4, h2, reuseport) against HAProxy, nginx, direct, SO_REUSEPORT.
 
 Run it through bench/run.sh, which installs the tools, builds the binaries and the Python
 venv first. Only the standard library is used here; the Python gRPC workers run in the venv.
 
 What one run does (see bench/README.md for how to read the output):
-  for each backend set (4 x bench_backend, then 4 x Python grpcio workers):
-    start the backends once;
+  for each backend set (4 x bench_backend, 4 x Python grpcio workers, then 2 of them):
+    start the backends once (and, for the Python sets, the raw SO_REUSEPORT group and
+    portshare's reuseport mode with its own workers, which are targets of their own);
     for each round: for each target (order rotated per round): for each workload:
       start the proxy as a child (fresh, so its peak RSS belongs to this workload alone),
       warm it up, read its CPU time, run h2load for a fixed number of gRPC unary calls,
@@ -47,6 +48,9 @@ BASELINE = None
 BASELINE_REV = None
 BENCH_BACKEND = os.path.join(ROOT, "target", "release", "examples", "bench_backend")
 WORKER = os.path.join(ROOT, "tests", "python", "worker.py")
+# The same Echo servicer and server options as worker.py, served by the portshare helper
+# (portshare.serve): what portshare's reuseport mode runs as its workers.
+HELPER_WORKER = os.path.join(ROOT, "tests", "python", "helper_worker.py")
 REUSEPORT_WORKER = os.path.join(BENCH, "reuseport_worker.py")
 IDLE_CONNS = os.path.join(BENCH, "idle_conns.py")
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
@@ -56,6 +60,9 @@ NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 REQUEST = bytes([0x00, 0x00, 0x00, 0x00, 0x03, 0x0A, 0x01, 0x78])
 CALL_PATH = "/portshare.test.Echo/Unary"
 BACKENDS = 4
+# Backends per set: the python2 set is the Python workers again, only 2 of them (where a
+# proxy's CPU weighs most against the workers' on a 2-core machine).
+SET_BACKENDS = {"bench_backend": BACKENDS, "python": BACKENDS, "python2": 2}
 
 # (name, connections, streams per connection)
 WORKLOADS = [("1x1", 1, 1), ("1x32", 1, 32), ("16x4", 16, 4)]
@@ -66,9 +73,10 @@ WORKLOADS = [("1x1", 1, 1), ("1x32", 1, 32), ("16x4", 16, 4)]
 CALLS = {
     "bench_backend": {"1x1": 20000, "1x32": 100000, "16x4": 100000},
     "python": {"1x1": 6000, "1x32": 20000, "16x4": 20000},
+    "python2": {"1x1": 6000, "1x32": 20000, "16x4": 20000},
 }
 # Calls sent before measuring: opens the proxy's backend connections and warms caches.
-WARMUP = {"bench_backend": 2000, "python": 400}
+WARMUP = {"bench_backend": 2000, "python": 400, "python2": 400}
 
 # A target named with this suffix runs the same proxy configuration in front of the same
 # kind of backends listening on Unix domain sockets instead of TCP ports (HAProxy
@@ -77,13 +85,22 @@ UNIX_SUFFIX = "-unix"
 TCP_PROXIES = ["portshare-l4", "portshare-h2", "haproxy-tcp", "haproxy-h2", "nginx-stream",
                "nginx-grpc"]
 UNIX_TARGETS = [t + UNIX_SUFFIX for t in TCP_PROXIES]
-ALL_TARGETS = ["direct", *TCP_PROXIES, "reuseport", *UNIX_TARGETS]
+# portshare's reuseport mode: no proxy at all; portshare supervises Python workers that
+# share the port with SO_REUSEPORT, as the "reuseport" baseline's do unsupervised.
+SUPERVISED = "portshare-reuseport"
+ALL_TARGETS = ["direct", *TCP_PROXIES, "reuseport", SUPERVISED, *UNIX_TARGETS]
+# Targets that need Python workers (the SO_REUSEPORT group serves the Echo service).
+PYTHON_ONLY = ["reuseport", SUPERVISED]
+# What the python2 set runs by default: the reuseport pair, with portshare's two proxy
+# modes beside them for scale.
+SET_DEFAULT_TARGETS = {"python2": ["portshare-l4", "portshare-h2", "reuseport", SUPERVISED]}
 # With a baseline, each portshare target also runs with the baseline binary, under this
 # name and with exactly the same configuration: portshare-l4@base, portshare-h2@base.
 BASE_SUFFIX = "@base"
 BASE_TARGETS = [t + BASE_SUFFIX for t in TCP_PROXIES if t.startswith("portshare-")]
-# Targets that proxy; direct and reuseport have no process of their own to measure.
-PROXIES = TCP_PROXIES + UNIX_TARGETS + BASE_TARGETS
+# Targets with a process of their own to measure (direct and reuseport have none); for
+# portshare-reuseport that is the supervisor alone, which no call passes through.
+PROXIES = TCP_PROXIES + UNIX_TARGETS + BASE_TARGETS + [SUPERVISED]
 # The idle-connection test: every proxy on TCP backends (the brief's four plus the two
 # HTTP/2 terminators); an idle connection costs the same whatever the backend socket.
 IDLE_TARGETS = TCP_PROXIES + BASE_TARGETS
@@ -282,19 +299,33 @@ class BenchBackends:
                 p.wait()
 
 
+def count_calls(paths, offsets, seen):
+    """Adds the "CALL Unary " lines the worker logs at `paths` gained since the last look
+    to `seen` (offsets: where the last look ended); returns a copy of `seen`."""
+    # Count new lines only: the logs grow by thousands of lines per run.
+    for i, path in enumerate(paths):
+        with open(path, "rb") as f:
+            f.seek(offsets[i])
+            data = f.read()
+        cut = data.rfind(b"\n") + 1  # a line still being written is counted next time
+        seen[i] += data[:cut].count(b"CALL Unary ")
+        offsets[i] += cut
+    return list(seen)
+
+
 class PythonWorkers:
-    """4 x tests/python/worker.py (or the reuseport copy on one shared port).
+    """`count` x tests/python/worker.py (or the reuseport copy on one shared port).
 
     Call counts come from the worker's own per-call "CALL Unary ..." stderr line, which goes
     to a file per worker: the same counter for every target, proxies included.
     """
 
-    name = "python"
-
-    def __init__(self, tmp, python, tag, reuseport=False, unix_dir=None):
+    def __init__(self, tmp, python, tag, reuseport=False, unix_dir=None, name="python",
+                 count=BACKENDS):
+        self.name = name
         self.procs, self.ports, self.logs, self.offsets, self.seen = [], [], [], [], []
         self.addrs, self.unix = [], None  # as in BenchBackends
-        for i in range(BACKENDS):
+        for i in range(count):
             errpath = os.path.join(tmp, f"{tag}{i}.err")
             if reuseport:
                 # The first one takes a free port; the others join it through SO_REUSEPORT.
@@ -322,15 +353,7 @@ class PythonWorkers:
             self.seen.append(0)
 
     def counts(self):
-        # Count new lines since the last look: the logs grow by thousands of lines per run.
-        for i, path in enumerate(self.logs):
-            with open(path, "rb") as f:
-                f.seek(self.offsets[i])
-                data = f.read()
-            cut = data.rfind(b"\n") + 1  # a line still being written is counted next time
-            self.seen[i] += data[:cut].count(b"CALL Unary ")
-            self.offsets[i] += cut
-        return list(self.seen)
+        return count_calls(self.logs, self.offsets, self.seen)
 
     def alive(self):
         return all(p.poll() is None for p in self.procs)
@@ -350,13 +373,87 @@ class PythonWorkers:
                 p.wait()
 
 
+class Supervised:
+    """portshare in reuseport mode with `count` helper-based Python workers
+    (tests/python/helper_worker.py: worker.py's Echo service and server options), started
+    once per set like the raw SO_REUSEPORT group it is compared with.
+
+    Each worker's stderr (its per-call "CALL Unary" lines) goes to a file of its own, not
+    through portshare, so that portshare does no per-call work here either: what it spends is
+    the supervisor's own (health checks, the admin server), which is its figure.
+    """
+
+    def __init__(self, tmp, python, count):
+        self.port, self.admin = free_port(), free_port()
+        self.count = count
+        self.logs = [os.path.join(tmp, f"supervised{i}.err") for i in range(count)]
+        for path in self.logs:
+            open(path, "wb").close()
+        self.offsets, self.seen = [0] * count, [0] * count
+        self.logpath = os.path.join(tmp, "portshare-reuseport.log")
+        # Appends: a worker restarted during the run (it should not be) counts on.
+        redirect = f'exec "$0" "$@" 2>>"{tmp}/supervised$PORTSHARE_WORKER_INDEX.err"'
+        argv = [PORTSHARE, "--mode", "reuseport", "--listen", f"127.0.0.1:{self.port}",
+                "--admin", f"127.0.0.1:{self.admin}", "--workers", str(count),
+                "--worker-port-base", "0", "--", "sh", "-c", redirect, python, HELPER_WORKER]
+        env = dict(os.environ, PORTSHARE_WORKERS__OUTPUT="inherit")
+        with open(self.logpath, "ab") as logfile:
+            self.proc = subprocess.Popen(argv, preexec_fn=_die_with_us,
+                                         stdin=subprocess.DEVNULL, stdout=logfile,
+                                         stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until(lambda: self._ready() == count, 60,
+                       f"portshare-reuseport: all {count} workers ready")
+        except Exception:
+            self.stop()
+            raise
+        self.ports = [self.port]
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            with open(self.logpath, "rb") as f:
+                tail = f.read().decode(errors="replace")[-1500:]
+            raise RuntimeError(f"portshare-reuseport exited with {self.proc.returncode}: {tail}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/backends", timeout=5) as r:
+            return sum(1 for b in json.loads(r.read().decode()) if b.get("ready"))
+
+    def counts(self):
+        return count_calls(self.logs, self.offsets, self.seen)
+
+    def proxy_pids(self):
+        return [self.proc.pid]
+
+    def pids(self):
+        """The workers (`sh -c exec` leaves the Python process as portshare's child)."""
+        return children_of(self.proc.pid)
+
+    def alive(self):
+        return self.proc.poll() is None and len(self.pids()) == self.count
+
+    def warn_lines(self):
+        with open(self.logpath, "rb") as f:
+            text = f.read().decode(errors="replace")
+        return [line for line in text.splitlines() if re.search(r"\b(WARN|ERROR)\b", line)]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
 # ---------------------------------------------------------------------------------------
 # Proxies
 
 class Peer:
     """A proxy run in the foreground as our child, killed after its measurement."""
 
-    def __init__(self, target, argv, port, tmp, admin=None, stop_signal=signal.SIGTERM):
+    def __init__(self, target, argv, port, tmp, admin=None, stop_signal=signal.SIGTERM,
+                 backends=BACKENDS):
         self.target, self.argv, self.port, self.admin = target, argv, port, admin
         self.stop_signal = stop_signal
         self.logpath = os.path.join(tmp, f"{target}.log")
@@ -374,8 +471,8 @@ class Peer:
                 # portshare: ready means every backend passed its first health check.
                 wait_until(lambda: self.http_get("/readyz")[0] == 200, 15,
                            f"{target} /readyz")
-                wait_until(lambda: self.ready_backends() == BACKENDS, 15,
-                           f"{target}: all {BACKENDS} backends ready")
+                wait_until(lambda: self.ready_backends() == backends, 15,
+                           f"{target}: all {backends} backends ready")
         except Exception:
             self.stop()
             raise
@@ -489,7 +586,7 @@ def start_peer(target, backend_addrs, tmp):
                 "--admin", f"127.0.0.1:{admin}"]
         for a in backend_addrs:
             argv += ["--backend", a]
-        return Peer(target, argv, port, tmp, admin=admin)
+        return Peer(target, argv, port, tmp, admin=admin, backends=len(backend_addrs))
     if target.startswith("haproxy-"):
         proto = " proto h2" if config == "haproxy-h2" else ""
         # HAProxy takes a Unix socket as an absolute path.
@@ -600,22 +697,26 @@ def percentiles(logfile):
 # ---------------------------------------------------------------------------------------
 # Measurements
 
-def measure(bset, reuse, target, workload, round_no, tmp, reqfile, calls, warmup, timeout,
+def measure(bset, standing, target, workload, round_no, tmp, reqfile, calls, warmup, timeout,
             quiet):
-    """One run of one workload against one target; returns a result dict."""
+    """One run of one workload against one target; returns a result dict. `standing`: the
+    sets started once per set beside bset, by target ("reuseport", "portshare-reuseport")."""
     wname, conns, streams = workload
     if target.endswith(UNIX_SUFFIX):
         bset = bset.unix
-    counted = reuse if target == "reuseport" else bset
+    counted = standing.get(target, bset)
+    sup = standing.get(SUPERVISED)
+    # Every process of ours that stays up between runs.
+    backends = bset.pids() + [pid for s in standing.values() for pid in s.pids()] \
+        + (sup.proxy_pids() if sup else [])
     res = {"set": bset.name, "target": target, "workload": wname, "round": round_no,
            "calls": calls, "notes": []}
-    res["waited_for_quiet"] = round(quiet.wait(bset.pids() + (reuse.pids() if reuse else [])),
-                                    1)
+    res["waited_for_quiet"] = round(quiet.wait(backends), 1)
     peer = None
     if target == "direct":
         port = bset.ports[0]
-    elif target == "reuseport":
-        port = reuse.ports[0]
+    elif target in standing:
+        port = standing[target].ports[0]
     else:
         peer = start_peer(target, bset.addrs, tmp)
         port = peer.port
@@ -624,17 +725,20 @@ def measure(bset, reuse, target, workload, round_no, tmp, reqfile, calls, warmup
         if w["hung"] or w["status_2xx"] != w["total"]:
             res["notes"].append(f"warm-up: {w.get('status_2xx')} of {w.get('total')} calls "
                                 f"returned 200{' (h2load hung)' if w['hung'] else ''}")
-        pids = peer.pids() if peer else []
+        # The process whose CPU is the target's own: the proxy, or reuseport mode's
+        # supervisor; none for direct and the raw SO_REUSEPORT group.
+        pids = peer.pids() if peer else sup.proxy_pids() if target == SUPERVISED else []
+        alive = (lambda: peer.alive()) if peer else (lambda: counted.alive())
         # Everything this run consists of: the proxy, every backend, and h2load (a child
         # reaped by subprocess.run, so it shows up in RUSAGE_CHILDREN).
-        ours = pids + bset.pids() + (reuse.pids() if reuse else [])
+        ours = list(dict.fromkeys((peer.pids() if peer else []) + backends))
         before = counted.counts()
-        cpu0 = cpu_ticks(pids) if peer else 0
+        cpu0 = cpu_ticks(pids) if pids else 0
         ours0, sys0, kids0 = cpu_ticks(ours), system_busy_ticks(), children_cpu_seconds()
         m0 = parse_metrics(peer.http_get("/metrics")[1]) if peer and peer.admin else None
         logfile = os.path.join(tmp, "h2load-requests.log")
         r = h2load(port, calls, conns, streams, reqfile, logfile, timeout)
-        cpu1 = cpu_ticks(pids) if peer and peer.alive() else None
+        cpu1 = cpu_ticks(pids) if pids and alive() else None
         if not peer or peer.alive():
             # CPU the machine spent on anything else during the run, in cores (a shared
             # machine: someone's build or tests). It moves calls/s and latency, and even
@@ -677,12 +781,15 @@ def measure(bset, reuse, target, workload, round_no, tmp, reqfile, calls, warmup
         if answered > calls:
             res["notes"].append(f"backends answered {answered} calls for {calls} sent "
                                 f"(duplicates: a call sent twice)")
-        if peer:
+        if pids:
             if cpu1 is not None:
                 res["cpu_ms_per_1k"] = ((cpu1 - cpu0) * 1000.0 / CLK_TCK) / \
                     (max(res["ok_2xx"], 1) / 1000.0)
-            res["peak_rss_mib"] = status_kib(pids, "VmHWM") / 1024.0 if peer.alive() else None
+            res["peak_rss_mib"] = status_kib(pids, "VmHWM") / 1024.0 if alive() else None
             res["processes"] = len(pids)
+        if target == SUPERVISED and not sup.alive():
+            res["notes"].append(f"{target}: portshare or a worker died during the run")
+        if peer:
             if m0 is not None and m1 is not None:
                 check_portshare_metrics(res, target, m0, m1, calls, bset.addrs)
             if not peer.alive():
@@ -911,6 +1018,25 @@ def baseline_table(rows):
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def reuseport_text(rows):
+    """portshare's reuseport mode against the raw SO_REUSEPORT group, per set and load: the
+    ratio of the medians of calls/s (the issue's bar: at least 0.97 at 16x4)."""
+    by = {(r["set"], r["target"], r["workload"]): r for r in rows}
+    lines = []
+    for (set_name, target, wname), r in by.items():
+        raw = by.get((set_name, "reuseport", wname))
+        if target != SUPERVISED or raw is None or not r["rps"] or not raw["rps"]:
+            continue
+        lines.append(f"| {set_name} | {SET_BACKENDS[set_name]} | {wname} | {fmt(r['rps'])} "
+                     f"| {fmt(raw['rps'])} | {r['rps'] / raw['rps']:.2f} |")
+    if not lines:
+        return ""
+    return ("\nportshare-reuseport against the raw SO_REUSEPORT group of the same run "
+            "(medians of calls/s):\n\n"
+            "| backends | workers | load | portshare-reuseport | reuseport | ratio |\n"
+            "|---|--:|---|--:|--:|--:|\n" + "\n".join(lines) + "\n")
+
+
 def versions():
     def first_line(argv):
         try:
@@ -966,7 +1092,7 @@ NO_ANOMALIES = "None: every run returned every call, and every proxy exited clea
 
 
 def write_report(path, command, started, elapsed, info, rows, runs, idles, quick):
-    notes = []
+    notes = [f"- {n}" for n in info.get("set_notes", [])]
     for r in runs + idles:
         for n in r["notes"]:
             what = r.get("workload", f"idle x{r.get('count')}")
@@ -1000,6 +1126,7 @@ for calls/s. CPU per call is the figure to trust (README.md, Caveats); differenc
 {against}
 """
     versions_text += f"{v['haproxy']}; {v['nginx']}; {v['h2load']}"
+    backends_text = ", ".join(f"{name} {SET_BACKENDS[name]}" for name in info["calls"])
     calls_text = "; ".join(
         f"{set_name}: " + ", ".join(f"{w} {n:,}" for w, n in per.items())
         for set_name, per in info["calls"].items())
@@ -1014,13 +1141,13 @@ for calls/s. CPU per call is the figure to trust (README.md, Caveats); differenc
   {info['waited_for_quiet_s']} s in all for the machine to go quiet before runs
 - versions: {versions_text}
 - workers: portshare 2 runtime threads (tokio default = cores), HAProxy `nbthread 2`,
-  nginx `worker_processes 2`; 4 backends per set; h2load 1 thread (`-t 1`)
+  nginx `worker_processes 2`; backends per set: {backends_text}; h2load 1 thread (`-t 1`)
 - rounds: {info['rounds']}, targets interleaved (order rotated per round); figures are
   medians over rounds, errors are summed over rounds; calls per run (h2load `-n`):
   {calls_text}
 
 {table(rows)}
-
+{reuseport_text(rows)}
 Columns: see [README.md](README.md#reading-the-table). "—": not a proxy (nothing to
 measure). Spread: the share of calls each backend answered (busiest first), counted by the
 backends themselves; for portshare also its own `/metrics` (h2: calls and pooled
@@ -1054,8 +1181,10 @@ def main():
                     help="1 round and a quarter of the calls (also BENCH_QUICK=1)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds over every target (default 3, quick 1)")
-    ap.add_argument("--sets", default="bench_backend,python",
-                    help="comma-separated backend sets to run")
+    ap.add_argument("--sets", default="bench_backend,python,python2",
+                    help="comma-separated backend sets to run: bench_backend, python (4 "
+                         "Python workers), python2 (2 of them; by default only "
+                         f"{', '.join(SET_DEFAULT_TARGETS['python2'])})")
     ap.add_argument("--targets", default=None,
                     help="comma-separated targets (default: all; with a baseline also "
                          f"{', '.join(BASE_TARGETS)})")
@@ -1124,12 +1253,16 @@ def main():
         if t not in known:
             sys.exit(f"unknown target {t!r}; known: {', '.join(known)}")
     sets = [s for s in args.sets.split(",") if s]
+    for s in sets:
+        if s not in SET_BACKENDS:
+            sys.exit(f"unknown set {s!r}; known: {', '.join(SET_BACKENDS)}")
     calls = {s: {w: max(int(n * scale), 64) for w, n in CALLS[s].items()} for s in sets}
 
     started_wall = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     started = time.monotonic()
     info = {"machine": machine(), "versions": versions(), "load_before": loadavg(),
-            "rounds": rounds, "calls": calls}
+            "rounds": rounds, "calls": calls,
+            "set_backends": {name: SET_BACKENDS[name] for name in sets}}
     log(f"{rounds} round(s); sets {sets}; targets {targets}; load average {info['load_before']}")
 
     tmp = tempfile.mkdtemp(prefix="portshare-bench-")
@@ -1140,11 +1273,15 @@ def main():
 
     width = max([13] + [len(t) for t in targets])  # of the target column in the progress log
     runs, idles, targets_by_set = [], [], []
+    supervised_notes = info["set_notes"] = []
     quiet = Quiet(args.quiet_wait, args.quiet_budget)
     for set_name in sets:
-        set_targets = [t for t in targets if t != "reuseport" or set_name == "python"]
+        python_set = set_name != "bench_backend"
+        set_targets = [t for t in targets if t not in PYTHON_ONLY or python_set]
+        if args.targets is None and set_name in SET_DEFAULT_TARGETS:
+            set_targets = [t for t in set_targets if t in SET_DEFAULT_TARGETS[set_name]]
         targets_by_set.append((set_name, set_targets))
-        reuse = None
+        standing = {}
         unix_dir = None
         if any(t.endswith(UNIX_SUFFIX) for t in set_targets):
             unix_dir = os.path.join(tmp, f"sockets-{set_name}")
@@ -1154,18 +1291,24 @@ def main():
             if unix_dir:
                 bset.unix = BenchBackends(tmp, unix_dir=unix_dir)
         else:
-            bset = PythonWorkers(tmp, python, "py")
+            n = SET_BACKENDS[set_name]
+            bset = PythonWorkers(tmp, python, set_name, name=set_name, count=n)
             if unix_dir:
-                bset.unix = PythonWorkers(tmp, python, "pyunix", unix_dir=unix_dir)
+                bset.unix = PythonWorkers(tmp, python, f"{set_name}unix", unix_dir=unix_dir,
+                                          name=set_name, count=n)
             if "reuseport" in set_targets:
-                reuse = PythonWorkers(tmp, python, "reuseport", reuseport=True)
+                standing["reuseport"] = PythonWorkers(tmp, python, f"{set_name}reuseport",
+                                                      reuseport=True, name=set_name, count=n)
+            if SUPERVISED in set_targets:
+                standing[SUPERVISED] = Supervised(tmp, python, n)
         log(f"{set_name}: backends on ports {bset.ports}"
             + (f", and on sockets {bset.unix.addrs}" if bset.unix else "")
-            + (f", SO_REUSEPORT group on {reuse.ports[0]}" if reuse else ""))
+            + "".join(f", {t} on {g.ports[0]}" for t, g in standing.items()))
         try:
             # First calls to a fresh grpcio server are slow (thread pool, lazy init); keep
-            # them out of every target's numbers.
-            for p in bset.ports + (reuse.ports[:1] if reuse else []):
+            # them out of every target's numbers. (A shared port's warm-up reaches the
+            # workers its connections happen to be hashed to; the runs' own warm-up the rest.)
+            for p in bset.ports + [g.ports[0] for g in standing.values()]:
                 h2load(p, 2 * WARMUP[set_name], 4, 4, reqfile, None, args.timeout)
             for rnd in range(1, rounds + 1):
                 # Rotate the order each round so slow drift (thermal, other load on the
@@ -1175,7 +1318,7 @@ def main():
                 for target in order:
                     for workload in WORKLOADS:
                         try:
-                            r = measure(bset, reuse, target, workload, rnd, tmp, reqfile,
+                            r = measure(bset, standing, target, workload, rnd, tmp, reqfile,
                                         calls[set_name][workload[0]], WARMUP[set_name],
                                         args.timeout, quiet)
                         except (RuntimeError, OSError, ValueError) as e:
@@ -1203,15 +1346,20 @@ def main():
                         log(f"{set_name} r{rnd} {target:{width}} idle x{args.idle}: "
                             f"{fmt(i.get('kib_per_conn'), 1)} KiB/conn"
                             + (f"  NOTES: {i['notes']}" if i["notes"] else ""))
-                if not bset.alive() or (reuse and not reuse.alive()) \
+                if not bset.alive() or not all(g.alive() for g in standing.values()) \
                         or (bset.unix and not bset.unix.alive()):
                     raise RuntimeError(f"a {set_name} backend died; see {tmp}")
         finally:
             bset.stop()
             if bset.unix:
                 bset.unix.stop()
-            if reuse:
-                reuse.stop()
+            for g in standing.values():
+                g.stop()
+            if SUPERVISED in standing:
+                bad = standing[SUPERVISED].warn_lines()
+                if bad:
+                    supervised_notes.append(f"{set_name}: {len(bad)} WARN/ERROR lines in "
+                                            f"portshare-reuseport's log, first: {bad[0][:300]}")
 
     elapsed = time.monotonic() - started
     info["load_after"] = loadavg()

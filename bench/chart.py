@@ -39,7 +39,9 @@ def main(src, dst):
                 targets.append(r["target"])
         value = {(r["target"], r["workload"], key): r.get(key)
                  for r in set_rows for key, _, _ in PANELS}
-        out.append(f'<text x="{PAD}" y="{y}" class="h">backends: 4 x {escape(set_name)}</text>')
+        count = data.get("info", {}).get("set_backends", {}).get(set_name, 4)
+        kind = "python" if set_name.startswith("python") else set_name
+        out.append(f'<text x="{PAD}" y="{y}" class="h">backends: {count} x {escape(kind)}</text>')
         y += 12
         group_h = len(WORKLOADS) * BAR + GAP
         for key, title, col in PANELS:
