@@ -287,9 +287,14 @@ pub async fn run(
             background.clone(),
         ));
     }
+    // In reuseport mode the kernel places connections; portshare's balance is never used.
+    let balance = match config.mode {
+        Mode::Reuseport => "the kernel's (SO_REUSEPORT)".to_owned(),
+        _ => config.balance.to_string(),
+    };
     tracing::info!(
         mode = %config.mode,
-        balance = %config.balance,
+        balance,
         backends = backends.snapshot().len(),
         spawned = workers.is_some(),
         health = %config.health.kind,

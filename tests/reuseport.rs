@@ -77,6 +77,14 @@ fn fresh_connections_spread_over_every_worker() {
         proxy.all_healthy()
     });
     assert_eq!(proxy.admin_get("/readyz").0, 200);
+    // The start-up line names who places connections here: not a balance of portshare's.
+    assert!(
+        proxy
+            .log
+            .contains(r#""balance":"the kernel's (SO_REUSEPORT)""#),
+        "{:?}",
+        proxy.log.all()
+    );
     // 60 connections hashed over 3 listeners: that one gets none is a 1-in-10^10 event.
     let r = spread(&proxy, 60);
     no_errors(&r);
