@@ -127,6 +127,44 @@ fn a_killed_worker_is_replaced_and_calls_after_succeed() {
     assert_eq!(names, BTreeSet::from(["w0".into(), "w1".into()]), "{r}");
 }
 
+/// A worker that stops answering its checks cannot be taken out of the kernel's group, so
+/// it is replaced: once `hang_timeout` has passed since its last passed check, it is
+/// killed (SIGSTOP: SIGTERM cannot reach it) and a new process takes its index.
+#[test]
+fn a_hung_worker_is_killed_and_replaced() {
+    let proxy = start_env(
+        2,
+        &["--health", "grpc", "--worker-hang-timeout", "2s"],
+        &[
+            ("PORTSHARE_HEALTH__INTERVAL", "1s"),
+            ("PORTSHARE_WORKERS__STOP_GRACE", "1s"),
+        ],
+    );
+    eventually(Duration::from_secs(60), "all workers ready", || {
+        proxy.all_healthy()
+    });
+    let hung = proxy.worker_entry(0)["pid"].as_u64().expect("pid") as u32;
+    support::signal(hung, "STOP");
+    eventually(Duration::from_secs(60), "worker 0 replaced", || {
+        let e = proxy.worker_entry(0);
+        e["state"] == "healthy" && e["pid"].as_u64().is_some_and(|p| p as u32 != hung)
+    });
+    eventually(Duration::from_secs(10), "the hung process is gone", || {
+        !Path::new(&format!("/proc/{hung}")).exists()
+            || std::fs::read_to_string(format!("/proc/{hung}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|f| f.trim_start().starts_with('Z'))
+            })
+    });
+    assert!(proxy.metric("portshare_worker_restarts_total{worker=\"0\",reason=\"hung\"}") >= 1.0);
+    // Both indexes serve again, from fresh connections.
+    let r = spread(&proxy, 40);
+    no_errors(&r);
+    let names: BTreeSet<String> = spread_counts(&r).into_keys().collect();
+    assert_eq!(names, BTreeSet::from(["w0".into(), "w1".into()]), "{r}");
+}
+
 /// What portshare says at start about `net.ipv4.tcp_migrate_req`, whichever it is here.
 #[test]
 fn the_migration_sysctl_is_reported_at_start() {
