@@ -66,6 +66,12 @@ SET_BACKENDS = {"bench_backend": BACKENDS, "python": BACKENDS, "python2": 2}
 
 # (name, connections, streams per connection)
 WORKLOADS = [("1x1", 1, 1), ("1x32", 1, 32), ("16x4", 16, 4)]
+# For the SO_REUSEPORT pair only: 16x4 for a fixed time instead of a fixed count. With a
+# fixed count the run lasts until the busiest worker has answered its connections' share,
+# so calls/s follows how the kernel happened to hash those 16 connections (a 69/31 split
+# halves it) more than anything the target does; for a fixed time every worker that holds
+# a connection stays busy to the end, and the figure is the workers' own.
+TIMED_WORKLOADS = [("16x4-10s", 16, 4, 10)]
 
 # Calls per measured run, sized so a proxied run takes roughly 1-4 s on a 2-core machine
 # (h2load -n: a fixed count, so every call must come back -- a lost one shows as a hang,
@@ -643,8 +649,10 @@ def metric_total(metrics, name):
 # ---------------------------------------------------------------------------------------
 # Load
 
-def h2load(port, n, conns, streams, reqfile, logfile, timeout):
-    argv = ["h2load", "-n", str(n), "-c", str(conns), "-m", str(streams), "-t", "1",
+def h2load(port, n, conns, streams, reqfile, logfile, timeout, duration=None):
+    """h2load's figures for `n` calls, or (duration) for as many as `duration` seconds take."""
+    amount = ["-D", str(duration)] if duration else ["-n", str(n)]
+    argv = ["h2load", *amount, "-c", str(conns), "-m", str(streams), "-t", "1",
             "-H", "content-type: application/grpc", "-H", "te: trailers",
             "-d", reqfile, f"http://127.0.0.1:{port}{CALL_PATH}"]
     if logfile:
@@ -701,7 +709,8 @@ def measure(bset, standing, target, workload, round_no, tmp, reqfile, calls, war
             quiet):
     """One run of one workload against one target; returns a result dict. `standing`: the
     sets started once per set beside bset, by target ("reuseport", "portshare-reuseport")."""
-    wname, conns, streams = workload
+    wname, conns, streams, *timed = workload
+    duration = timed[0] if timed else None
     if target.endswith(UNIX_SUFFIX):
         bset = bset.unix
     counted = standing.get(target, bset)
@@ -737,7 +746,11 @@ def measure(bset, standing, target, workload, round_no, tmp, reqfile, calls, war
         ours0, sys0, kids0 = cpu_ticks(ours), system_busy_ticks(), children_cpu_seconds()
         m0 = parse_metrics(peer.http_get("/metrics")[1]) if peer and peer.admin else None
         logfile = os.path.join(tmp, "h2load-requests.log")
-        r = h2load(port, calls, conns, streams, reqfile, logfile, timeout)
+        r = h2load(port, calls, conns, streams, reqfile, logfile, timeout, duration)
+        if duration:
+            # As many as came back in the time; those still in flight at the end are not
+            # counted by h2load, and the workers' CALL lines may include them.
+            calls = res["calls"] = r.get("done", 0)
         cpu1 = cpu_ticks(pids) if pids and alive() else None
         if not peer or peer.alive():
             # CPU the machine spent on anything else during the run, in cores (a shared
@@ -778,7 +791,7 @@ def measure(bset, standing, target, workload, round_no, tmp, reqfile, calls, war
         if never_answered:
             res["notes"].append(f"{never_answered} calls got HTTP 200 but no backend answered "
                                 f"them (a proxy-made gRPC error)")
-        if answered > calls:
+        if answered > calls and not duration:
             res["notes"].append(f"backends answered {answered} calls for {calls} sent "
                                 f"(duplicates: a call sent twice)")
         if pids:
@@ -934,7 +947,7 @@ def summarize(runs, idles, targets_by_set):
                     if i["set"] == set_name and i["target"] == t and "kib_per_conn" in i]
             idle_by_target[t] = median(vals)
         for t in targets:
-            for wname, _, _ in WORKLOADS:
+            for wname, *_ in WORKLOADS + TIMED_WORKLOADS:
                 rs = [r for r in runs if r["set"] == set_name and r["target"] == t
                       and r["workload"] == wname]
                 if not rs:
@@ -1316,10 +1329,11 @@ def main():
                 k = (rnd - 1) % len(set_targets)
                 order = set_targets[k:] + set_targets[:k]
                 for target in order:
-                    for workload in WORKLOADS:
+                    timed = TIMED_WORKLOADS if target in PYTHON_ONLY else []
+                    for workload in WORKLOADS + timed:
                         try:
                             r = measure(bset, standing, target, workload, rnd, tmp, reqfile,
-                                        calls[set_name][workload[0]], WARMUP[set_name],
+                                        calls[set_name].get(workload[0], 0), WARMUP[set_name],
                                         args.timeout, quiet)
                         except (RuntimeError, OSError, ValueError) as e:
                             # A peer that will not start (bad config, port taken) is a
