@@ -2,8 +2,8 @@
 # portshare's benchmark: portshare (l4 and h2) against HAProxy, nginx, a direct connection and
 # Linux SO_REUSEPORT, with h2load sending real gRPC unary calls. One command does it all:
 #
-#   bench/run.sh                  # full run: 3 rounds (8-10 minutes on 2 cores)
-#   BENCH_QUICK=1 bench/run.sh    # 1 round, a quarter of the calls (about 1.5 minutes)
+#   bench/run.sh                  # full run: 3 rounds (about 25 minutes on 2 cores)
+#   BENCH_QUICK=1 bench/run.sh    # 1 round, a quarter of the calls (a few minutes)
 #   BENCH_REV=HEAD bench/run.sh   # measure a commit's portshare, not the working tree's
 #   BENCH_BASELINE=HEAD~1 bench/run.sh  # also measure that commit's portshare, side by side
 #   bench/run.sh --help           # the harness's own options (sets, targets, ...)
