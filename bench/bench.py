@@ -743,6 +743,10 @@ def measure(bset, standing, target, workload, round_no, tmp, reqfile, calls, war
         ours = list(dict.fromkeys((peer.pids() if peer else []) + backends))
         before = counted.counts()
         cpu0 = cpu_ticks(pids) if pids else 0
+        # The backends' own CPU: what a proxy adds to the workers' work shows here too
+        # (more system calls, smaller reads), and for the reuseport pair it is the figure.
+        workers = counted.pids()
+        workers0 = cpu_ticks(workers)
         ours0, sys0, kids0 = cpu_ticks(ours), system_busy_ticks(), children_cpu_seconds()
         m0 = parse_metrics(peer.http_get("/metrics")[1]) if peer and peer.admin else None
         logfile = os.path.join(tmp, "h2load-requests.log")
@@ -753,6 +757,7 @@ def measure(bset, standing, target, workload, round_no, tmp, reqfile, calls, war
             # (h2load's status counts can run one or two past its "done".)
             calls = res["calls"] = max(r.get("done", 0), r.get("status_2xx", 0))
         cpu1 = cpu_ticks(pids) if pids and alive() else None
+        workers1 = cpu_ticks(workers) if counted.alive() else None
         if not peer or peer.alive():
             # CPU the machine spent on anything else during the run, in cores (a shared
             # machine: someone's build or tests). It moves calls/s and latency, and even
@@ -795,6 +800,9 @@ def measure(bset, standing, target, workload, round_no, tmp, reqfile, calls, war
         if answered > calls and not duration:
             res["notes"].append(f"backends answered {answered} calls for {calls} sent "
                                 f"(duplicates: a call sent twice)")
+        if workers1 is not None:
+            res["backend_cpu_ms_per_1k"] = ((workers1 - workers0) * 1000.0 / CLK_TCK) / \
+                (max(res["ok_2xx"], 1) / 1000.0)
         if pids:
             if cpu1 is not None:
                 res["cpu_ms_per_1k"] = ((cpu1 - cpu0) * 1000.0 / CLK_TCK) / \
@@ -973,6 +981,7 @@ def summarize(runs, idles, targets_by_set):
                     "hung": sum(1 for r in rs if r.get("hung")),
                     "failed": sum(1 for r in rs if r.get("failed")),
                     "cpu": median([r.get("cpu_ms_per_1k") for r in rs]),
+                    "backend_cpu": median([r.get("backend_cpu_ms_per_1k") for r in rs]),
                     "rss": median([r.get("peak_rss_mib") for r in rs]),
                     "idle": idle_by_target.get(t),
                     "spread": shares(mid.get("backend_calls", [])),
@@ -986,9 +995,10 @@ def summarize(runs, idles, targets_by_set):
 
 def table(rows):
     head = ("| backends | target | load (conns x streams) | calls/s | p50 ms | p99 ms "
-            "| errors / calls | proxy CPU ms per 1k calls | peak RSS MiB | idle KiB/conn "
-            "| calls per backend % (busiest first) | portshare /metrics |")
-    lines = [head, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|"]
+            "| errors / calls | proxy CPU ms per 1k calls | backend CPU ms per 1k calls "
+            "| peak RSS MiB | idle KiB/conn | calls per backend % (busiest first) "
+            "| portshare /metrics |")
+    lines = [head, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|"]
     for r in rows:
         proxy = r["target"] in PROXIES
         errors = f"{r['errors']} / {r['calls']:,}"
@@ -1000,6 +1010,7 @@ def table(rows):
             r["set"], label(r["target"]), r["workload"], fmt(r["rps"]), fmt(r["p50"], 2),
             fmt(r["p99"], 2), errors,
             fmt(r["cpu"], 1) if proxy else "—",
+            fmt(r.get("backend_cpu"), 1),
             fmt(r["rss"], 1) if proxy else "—",
             fmt(r["idle"], 1) if proxy and r["idle"] is not None else "—",
             r["spread"], r["portshare"]]) + " |")
@@ -1041,14 +1052,18 @@ def reuseport_text(rows):
         raw = by.get((set_name, "reuseport", wname))
         if target != SUPERVISED or raw is None or not r["rps"] or not raw["rps"]:
             continue
+        cpu, raw_cpu = r.get("backend_cpu"), raw.get("backend_cpu")
+        cpu_ratio = f"{cpu / raw_cpu:.2f}" if cpu and raw_cpu else "n/a"
         lines.append(f"| {set_name} | {SET_BACKENDS[set_name]} | {wname} | {fmt(r['rps'])} "
-                     f"| {fmt(raw['rps'])} | {r['rps'] / raw['rps']:.2f} |")
+                     f"| {fmt(raw['rps'])} | {r['rps'] / raw['rps']:.2f} | {fmt(cpu, 1)} "
+                     f"| {fmt(raw_cpu, 1)} | {cpu_ratio} |")
     if not lines:
         return ""
     return ("\nportshare-reuseport against the raw SO_REUSEPORT group of the same run "
-            "(medians of calls/s):\n\n"
-            "| backends | workers | load | portshare-reuseport | reuseport | ratio |\n"
-            "|---|--:|---|--:|--:|--:|\n" + "\n".join(lines) + "\n")
+            "(medians of calls/s, and of the workers' CPU ms per 1,000 calls):\n\n"
+            "| backends | workers | load | calls/s portshare-reuseport | reuseport | ratio "
+            "| worker CPU portshare-reuseport | reuseport | ratio |\n"
+            "|---|--:|---|--:|--:|--:|--:|--:|--:|\n" + "\n".join(lines) + "\n")
 
 
 def versions():
@@ -1346,7 +1361,9 @@ def main():
                         log(f"{set_name} r{rnd} {target:{width}} {workload[0]:5} "
                             f"{fmt(r.get('rps')):>9} calls/s  p50 {fmt(r.get('p50'), 2)} ms  "
                             f"p99 {fmt(r.get('p99'), 2)} ms  cpu/1k "
-                            f"{fmt(r.get('cpu_ms_per_1k'), 1)} ms  errors {r.get('errors')}  "
+                            f"{fmt(r.get('cpu_ms_per_1k'), 1)} ms  backend cpu/1k "
+                            f"{fmt(r.get('backend_cpu_ms_per_1k'), 1)} ms  "
+                            f"errors {r.get('errors')}  "
                             f"spread {shares(r.get('backend_calls', []))}  "
                             f"other load {fmt(r.get('other_cores'), 2)} cores"
                             + (f"  NOTES: {r['notes']}" if r["notes"] else ""))
