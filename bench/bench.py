@@ -1217,6 +1217,11 @@ def main():
     ap.add_argument("--targets", default=None,
                     help="comma-separated targets (default: all; with a baseline also "
                          f"{', '.join(BASE_TARGETS)})")
+    ap.add_argument("--workloads", default=None,
+                    help="comma-separated loads to run (default: all: "
+                         f"{', '.join(w[0] for w in WORKLOADS + TIMED_WORKLOADS)}; "
+                         f"{', '.join(w[0] for w in TIMED_WORKLOADS)} for the SO_REUSEPORT "
+                         "pair only)")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections (0: skip)")
     ap.add_argument("--timeout", type=float, default=90.0,
                     help="seconds one h2load run may take before it counts as hung")
@@ -1281,6 +1286,11 @@ def main():
                      f"--baseline-portshare for bench.py")
         if t not in known:
             sys.exit(f"unknown target {t!r}; known: {', '.join(known)}")
+    every_load = [w[0] for w in WORKLOADS + TIMED_WORKLOADS]
+    loads = every_load if args.workloads is None else [w for w in args.workloads.split(",") if w]
+    for w in loads:
+        if w not in every_load:
+            sys.exit(f"unknown workload {w!r}; known: {', '.join(every_load)}")
     sets = [s for s in args.sets.split(",") if s]
     for s in sets:
         if s not in SET_BACKENDS:
@@ -1346,7 +1356,7 @@ def main():
                 order = set_targets[k:] + set_targets[:k]
                 for target in order:
                     timed = TIMED_WORKLOADS if target in PYTHON_ONLY else []
-                    for workload in WORKLOADS + timed:
+                    for workload in [w for w in WORKLOADS + timed if w[0] in loads]:
                         try:
                             r = measure(bset, standing, target, workload, rnd, tmp, reqfile,
                                         calls[set_name].get(workload[0], 0), WARMUP[set_name],
