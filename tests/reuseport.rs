@@ -70,6 +70,16 @@ fn no_errors(r: &serde_json::Value) {
     assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
 }
 
+/// `calls` calls, each on a fresh connection to the shared port, all succeed, and each of
+/// the `n` workers answers some of them.
+fn every_worker_answers(proxy: &Proxy, n: usize, calls: usize) {
+    let r = spread(proxy, calls);
+    no_errors(&r);
+    let names: BTreeSet<String> = spread_counts(&r).into_keys().collect();
+    let all: BTreeSet<String> = (0..n).map(|i| format!("w{i}")).collect();
+    assert_eq!(names, all, "{r}");
+}
+
 #[test]
 fn fresh_connections_spread_over_every_worker() {
     let proxy = start(3, &[]);
@@ -86,14 +96,7 @@ fn fresh_connections_spread_over_every_worker() {
         proxy.log.all()
     );
     // 60 connections hashed over 3 listeners: that one gets none is a 1-in-10^10 event.
-    let r = spread(&proxy, 60);
-    no_errors(&r);
-    let names: BTreeSet<String> = spread_counts(&r).into_keys().collect();
-    assert_eq!(
-        names,
-        BTreeSet::from(["w0".into(), "w1".into(), "w2".into()]),
-        "{r}"
-    );
+    every_worker_answers(&proxy, 3, 60);
     // Calls to the listen address reached every worker, so each bound it beside its own
     // port; the private ports are what /backends lists and checks.
     let shared = proxy.addr.to_string();
@@ -121,10 +124,7 @@ fn a_killed_worker_is_replaced_and_calls_after_succeed() {
             e["pid"].as_u64().is_some_and(|p| p as u32 != old) && proxy.all_healthy()
         },
     );
-    let r = spread(&proxy, 40);
-    no_errors(&r);
-    let names: BTreeSet<String> = spread_counts(&r).into_keys().collect();
-    assert_eq!(names, BTreeSet::from(["w0".into(), "w1".into()]), "{r}");
+    every_worker_answers(&proxy, 2, 40);
 }
 
 /// A worker that stops answering its checks cannot be taken out of the kernel's group, so
@@ -159,10 +159,7 @@ fn a_hung_worker_is_killed_and_replaced() {
     });
     assert!(proxy.metric("portshare_worker_restarts_total{worker=\"0\",reason=\"hung\"}") >= 1.0);
     // Both indexes serve again, from fresh connections.
-    let r = spread(&proxy, 40);
-    no_errors(&r);
-    let names: BTreeSet<String> = spread_counts(&r).into_keys().collect();
-    assert_eq!(names, BTreeSet::from(["w0".into(), "w1".into()]), "{r}");
+    every_worker_answers(&proxy, 2, 40);
 }
 
 /// What portshare says at start about `net.ipv4.tcp_migrate_req`, whichever it is here.
