@@ -6,6 +6,7 @@
 // wall clock: the library's lints against both (Cargo.toml, clippy.toml) are not meant here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
+#[macro_use]
 mod support;
 
 use std::collections::HashSet;
@@ -408,17 +409,6 @@ fn a_client_cancel_reaches_the_worker(mode: &str) {
         || workers[0].log.contains("CANCELLED Unary"),
     );
     unary_ok(&proxy.target());
-}
-
-macro_rules! in_both_modes {
-    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {
-        mod l4 {
-            $( $(#[$attr])* #[test] fn $name() { super::$name("l4") } )*
-        }
-        mod h2 {
-            $( $(#[$attr])* #[test] fn $name() { super::$name("h2") } )*
-        }
-    };
 }
 
 in_both_modes!(

@@ -5,6 +5,7 @@
 // wall clock: the library's lints against both (Cargo.toml, clippy.toml) are not meant here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
+#[macro_use]
 mod support;
 
 use std::io::{Read, Write};
@@ -199,13 +200,6 @@ fn running_out_of_file_descriptors_is_survived() {
         );
     }
     assert!(proxy.is_running());
-}
-
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod l4 { $( #[test] fn $name() { super::$name("l4") } )* }
-        mod h2 { $( #[test] fn $name() { super::$name("h2") } )* }
-    };
 }
 
 in_both_modes!(

@@ -5,6 +5,7 @@
 // wall clock: the library's lints against both (Cargo.toml, clippy.toml) are not meant here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
+#[macro_use]
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -227,13 +228,6 @@ fn certificates_rotate_without_a_restart(mode: &str) {
             call(&proxy, &["--ca", &old_trust])["code"] == "OK"
         });
     }
-}
-
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod l4 { $( #[test] fn $name() { super::$name("l4") } )* }
-        mod h2 { $( #[test] fn $name() { super::$name("h2") } )* }
-    };
 }
 
 in_both_modes!(

@@ -6,6 +6,7 @@
 // wall clock: the library's lints against both (Cargo.toml, clippy.toml) are not meant here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
+#[macro_use]
 mod support;
 
 use std::path::Path;
@@ -88,29 +89,11 @@ fn a_dead_socket_backend_costs_no_call(mode: &str) {
     });
 }
 
-mod l4 {
-    #[test]
-    fn static_socket_backends_serve_every_kind_of_call() {
-        super::static_socket_backends_serve_every_kind_of_call("l4");
-    }
-
-    #[test]
-    fn a_dead_socket_backend_costs_no_call() {
-        super::a_dead_socket_backend_costs_no_call("l4");
-    }
-}
-
-mod h2 {
-    #[test]
-    fn static_socket_backends_serve_every_kind_of_call() {
-        super::static_socket_backends_serve_every_kind_of_call("h2");
-    }
-
-    #[test]
-    fn a_dead_socket_backend_costs_no_call() {
-        super::a_dead_socket_backend_costs_no_call("h2");
-    }
-}
+in_both_modes!(
+    static_socket_backends_serve_every_kind_of_call,
+    a_dead_socket_backend_costs_no_call,
+    spawned_socket_workers_serve_and_come_back_after_kill_9,
+);
 
 /// `grpc.health.v1` over a socket: NOT_SERVING takes the backend out of rotation and
 /// SERVING brings it back, so the probe really talks to the worker.
@@ -246,20 +229,6 @@ fn spawned_socket_workers_serve_and_come_back_after_kill_9(mode: &str) {
     let status = proxy.wait(Duration::from_secs(30));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert_eq!(worker_sockets(&dir), Vec::<String>::new());
-}
-
-mod spawned_l4 {
-    #[test]
-    fn socket_workers_serve_and_come_back_after_kill_9() {
-        super::spawned_socket_workers_serve_and_come_back_after_kill_9("l4");
-    }
-}
-
-mod spawned_h2 {
-    #[test]
-    fn socket_workers_serve_and_come_back_after_kill_9() {
-        super::spawned_socket_workers_serve_and_come_back_after_kill_9("h2");
-    }
 }
 
 /// SIGHUP under one steady client channel: each replacement starts on its own (next

@@ -2,6 +2,21 @@
 //! workers on free ports, a launcher for the real portshare binary, a Python gRPC client,
 //! and `eventually`, which polls instead of sleeping.
 #![allow(dead_code)] // each test binary uses a different part of this module
+#![allow(unused_macros)] // likewise
+
+/// `in_both_modes!(a, b, #[cfg(unix)] c)`: for each `fn name(mode: &str)` named, a test
+/// `l4::name` and a test `h2::name` that run it in that mode; attributes go along. Needs
+/// `#[macro_use] mod support;`.
+macro_rules! in_both_modes {
+    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {
+        mod l4 {
+            $( $(#[$attr])* #[test] fn $name() { super::$name("l4") } )*
+        }
+        mod h2 {
+            $( $(#[$attr])* #[test] fn $name() { super::$name("h2") } )*
+        }
+    };
+}
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
