@@ -663,18 +663,8 @@ pub fn json_lines(path: &Path) -> Vec<Value> {
 pub fn every_call_kind_ok(target: &str) {
     let r = unary_ok(target);
     assert_eq!(r["payload_ok"], true, "{r}");
-
     let r = client(&["server-stream", "--target", target, "--count", "200"]);
-    assert_eq!(
-        (
-            r["code"].as_str(),
-            r["received"].as_u64(),
-            r["in_order"].as_bool()
-        ),
-        (Some("OK"), Some(200), Some(true)),
-        "{r}"
-    );
-
+    assert_complete(&r, "received", 200, "in_order");
     let r = client(&[
         "client-stream",
         "--target",
@@ -684,24 +674,16 @@ pub fn every_call_kind_ok(target: &str) {
         "--payload-size",
         "1000",
     ]);
-    assert_eq!(
-        (
-            r["code"].as_str(),
-            r["seq"].as_u64(),
-            r["payload_ok"].as_bool()
-        ),
-        (Some("OK"), Some(100), Some(true)),
-        "{r}"
-    );
-
+    assert_complete(&r, "seq", 100, "payload_ok");
     let r = client(&["bidi", "--target", target, "--count", "10000"]);
+    assert_complete(&r, "received", 10000, "in_order");
+}
+
+/// A client.py answer that ended OK with `r[count] == n` and `r[check] == true`.
+pub fn assert_complete(r: &Value, count: &str, n: u64, check: &str) {
     assert_eq!(
-        (
-            r["code"].as_str(),
-            r["received"].as_u64(),
-            r["in_order"].as_bool()
-        ),
-        (Some("OK"), Some(10000), Some(true)),
+        (r["code"].as_str(), r[count].as_u64(), r[check].as_bool()),
+        (Some("OK"), Some(n), Some(true)),
         "{r}"
     );
 }
