@@ -23,6 +23,7 @@ Everything listens on 127.0.0.1 only, on ports the OS picks; every child is kill
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import resource
@@ -94,9 +95,14 @@ UNIX_TARGETS = [t + UNIX_SUFFIX for t in TCP_PROXIES]
 # portshare's reuseport mode: no proxy at all; portshare supervises Python workers that
 # share the port with SO_REUSEPORT, as the "reuseport" baseline's do unsupervised.
 SUPERVISED = "portshare-reuseport"
+# On request only (--targets): the SO_REUSEPORT group again, unsupervised, but of the
+# helper-based workers portshare-reuseport runs (its public address set by hand), so that
+# the two differ only by portshare being there; against "reuseport" it shows what the
+# helper's worker costs beside worker.py.
+HELPER_GROUP = "reuseport-helper"
 ALL_TARGETS = ["direct", *TCP_PROXIES, "reuseport", SUPERVISED, *UNIX_TARGETS]
 # Targets that need Python workers (the SO_REUSEPORT group serves the Echo service).
-PYTHON_ONLY = ["reuseport", SUPERVISED]
+PYTHON_ONLY = ["reuseport", HELPER_GROUP, SUPERVISED]
 # What the python2 set runs by default: the reuseport pair, with portshare's two proxy
 # modes beside them for scale.
 SET_DEFAULT_TARGETS = {"python2": ["portshare-l4", "portshare-h2", "reuseport", SUPERVISED]}
@@ -320,20 +326,29 @@ def count_calls(paths, offsets, seen):
 
 
 class PythonWorkers:
-    """`count` x tests/python/worker.py (or the reuseport copy on one shared port).
+    """`count` x tests/python/worker.py (or the reuseport copy on one shared port, or with
+    `helper` tests/python/helper_worker.py on one shared port).
 
     Call counts come from the worker's own per-call "CALL Unary ..." stderr line, which goes
     to a file per worker: the same counter for every target, proxies included.
     """
 
     def __init__(self, tmp, python, tag, reuseport=False, unix_dir=None, name="python",
-                 count=BACKENDS):
+                 count=BACKENDS, helper=False):
         self.name = name
         self.procs, self.ports, self.logs, self.offsets, self.seen = [], [], [], [], []
         self.addrs, self.unix = [], None  # as in BenchBackends
+        # helper: tests/python/helper_worker.py told the shared address as portshare's
+        # reuseport mode tells it; it prints its own (private) port, not the shared one.
+        shared = free_port() if helper else None
         for i in range(count):
             errpath = os.path.join(tmp, f"{tag}{i}.err")
-            if reuseport:
+            env = None
+            if helper:
+                argv = [python, HELPER_WORKER]
+                env = dict(os.environ, PORTSHARE_SHARED_ADDR=f"127.0.0.1:{shared}",
+                           PORTSHARE_PORT="0", PORTSHARE_WORKER_INDEX=str(i))
+            elif reuseport:
                 # The first one takes a free port; the others join it through SO_REUSEPORT.
                 port = self.ports[0] if self.ports else 0
                 argv = [python, REUSEPORT_WORKER, "--reuseport", "--port", str(port)]
@@ -342,14 +357,19 @@ class PythonWorkers:
                 argv = [python, WORKER, "--address", address]
             else:
                 argv = [python, WORKER, "--port", "0"]
-            p = subprocess.Popen(argv + ["--name", f"{tag}{i}"], preexec_fn=_die_with_us,
-                                 stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=open(errpath, "wb"), text=True)
+            if not helper:
+                argv += ["--name", f"{tag}{i}"]
+            p = subprocess.Popen(argv, preexec_fn=_die_with_us, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=open(errpath, "wb"), text=True,
+                                 env=env)
             line = p.stdout.readline()  # one at a time: the first must hold the port
             if not line.startswith("PORT "):
                 raise RuntimeError(f"worker {tag}{i} did not start: {line!r}, see {errpath}")
             self.procs.append(p)
-            if unix_dir and not reuseport:
+            if helper:
+                self.ports.append(shared)
+                self.addrs.append(f"127.0.0.1:{shared}")
+            elif unix_dir and not reuseport:
                 self.addrs.append(address)
             else:
                 self.ports.append(int(line.split()[1]))
@@ -1043,27 +1063,54 @@ def baseline_table(rows):
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def reuseport_text(rows):
-    """portshare's reuseport mode against the raw SO_REUSEPORT group, per set and load: the
-    ratio of the medians of calls/s (the issue's bar: at least 0.97 at 16x4)."""
+def paired_ratio(runs, set_name, wname, target, base):
+    """The geometric mean over rounds of `target`'s calls/s over `base`'s in the same round,
+    with its 95 % interval: (mean, low, high), or None below 3 rounds.
+
+    The two runs of a round are back to back (order rotated per round), so each round's
+    ratio cancels the machine's slow drift; what is left varies a lot from run to run on a
+    shared 2-core machine (a standard deviation of about 15 %), which the interval shows.
+    Logarithms make the figure the same whichever target is on top of the ratio.
+    """
+    by_round = {}
+    for r in runs:
+        if r["set"] == set_name and r["workload"] == wname and r.get("rps"):
+            by_round.setdefault(r["round"], {})[r["target"]] = r["rps"]
+    logs = [math.log(v[target] / v[base]) for v in by_round.values()
+            if target in v and base in v]
+    if len(logs) < 3:
+        return None
+    mean, spread = statistics.mean(logs), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - spread), math.exp(mean + spread)
+
+
+def reuseport_text(rows, runs):
+    """portshare's reuseport mode against the raw SO_REUSEPORT group (and, if it ran, the
+    unsupervised group of helper workers), per set and load: the ratio of the medians of
+    calls/s (the issue's bar: at least 0.97 against "reuseport" at 16x4), and the paired
+    per-round ratio with its interval (see paired_ratio)."""
     by = {(r["set"], r["target"], r["workload"]): r for r in rows}
     lines = []
     for (set_name, target, wname), r in by.items():
-        raw = by.get((set_name, "reuseport", wname))
-        if target != SUPERVISED or raw is None or not r["rps"] or not raw["rps"]:
-            continue
-        cpu, raw_cpu = r.get("backend_cpu"), raw.get("backend_cpu")
-        cpu_ratio = f"{cpu / raw_cpu:.2f}" if cpu and raw_cpu else "n/a"
-        lines.append(f"| {set_name} | {SET_BACKENDS[set_name]} | {wname} | {fmt(r['rps'])} "
-                     f"| {fmt(raw['rps'])} | {r['rps'] / raw['rps']:.2f} | {fmt(cpu, 1)} "
-                     f"| {fmt(raw_cpu, 1)} | {cpu_ratio} |")
+        for base in ("reuseport", HELPER_GROUP):
+            raw = by.get((set_name, base, wname))
+            if target != SUPERVISED or raw is None or not r["rps"] or not raw["rps"]:
+                continue
+            cpu, raw_cpu = r.get("backend_cpu"), raw.get("backend_cpu")
+            cpu_ratio = f"{cpu / raw_cpu:.2f}" if cpu and raw_cpu else "n/a"
+            paired = paired_ratio(runs, set_name, wname, target, base)
+            paired_text = "n/a" if paired is None else "{:.2f} ({:.2f}–{:.2f})".format(*paired)
+            lines.append(f"| {set_name} | {SET_BACKENDS[set_name]} | {wname} | {base} "
+                         f"| {fmt(r['rps'])} | {fmt(raw['rps'])} | {r['rps'] / raw['rps']:.2f} "
+                         f"| {paired_text} | {fmt(cpu, 1)} | {fmt(raw_cpu, 1)} | {cpu_ratio} |")
     if not lines:
         return ""
-    return ("\nportshare-reuseport against the raw SO_REUSEPORT group of the same run "
-            "(medians of calls/s, and of the workers' CPU ms per 1,000 calls):\n\n"
-            "| backends | workers | load | calls/s portshare-reuseport | reuseport | ratio "
-            "| worker CPU portshare-reuseport | reuseport | ratio |\n"
-            "|---|--:|---|--:|--:|--:|--:|--:|--:|\n" + "\n".join(lines) + "\n")
+    return ("\nportshare-reuseport against the unsupervised SO_REUSEPORT group of the same run "
+            "(medians of calls/s, and of the workers' CPU ms per 1,000 calls; paired: the "
+            "geometric mean of the two's ratio round by round, with its 95 % interval):\n\n"
+            "| backends | workers | load | against | calls/s portshare-reuseport | against "
+            "| ratio | paired ratio | worker CPU portshare-reuseport | against | ratio |\n"
+            "|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|\n" + "\n".join(lines) + "\n")
 
 
 def versions():
@@ -1176,7 +1223,7 @@ for calls/s. CPU per call is the figure to trust (README.md, Caveats); differenc
   {calls_text}
 
 {table(rows)}
-{reuseport_text(rows)}
+{reuseport_text(rows, runs)}
 Columns: see [README.md](README.md#reading-the-table). "—": not a proxy (nothing to
 measure). Spread: the share of calls each backend answered (busiest first), counted by the
 backends themselves; for portshare also its own `/metrics` (h2: calls and pooled
@@ -1215,8 +1262,8 @@ def main():
                          "Python workers), python2 (2 of them; by default only "
                          f"{', '.join(SET_DEFAULT_TARGETS['python2'])})")
     ap.add_argument("--targets", default=None,
-                    help="comma-separated targets (default: all; with a baseline also "
-                         f"{', '.join(BASE_TARGETS)})")
+                    help=f"comma-separated targets (default: all but {HELPER_GROUP}; with "
+                         f"a baseline also {', '.join(BASE_TARGETS)})")
     ap.add_argument("--workloads", default=None,
                     help="comma-separated loads to run (default: all: "
                          f"{', '.join(w[0] for w in WORKLOADS + TIMED_WORKLOADS)}; "
@@ -1272,7 +1319,7 @@ def main():
             continue
     rounds = args.rounds or (1 if args.quick else 3)
     scale = 0.25 if args.quick else 1.0
-    known = ALL_TARGETS + (BASE_TARGETS if BASELINE else [])
+    known = ALL_TARGETS + [HELPER_GROUP] + (BASE_TARGETS if BASELINE else [])
     if args.targets is None:
         # Each baseline target right after its peer, so the two run close together in time.
         targets = []
@@ -1338,6 +1385,9 @@ def main():
             if "reuseport" in set_targets:
                 standing["reuseport"] = PythonWorkers(tmp, python, f"{set_name}reuseport",
                                                       reuseport=True, name=set_name, count=n)
+            if HELPER_GROUP in set_targets:
+                standing[HELPER_GROUP] = PythonWorkers(tmp, python, f"{set_name}helper",
+                                                       name=set_name, count=n, helper=True)
             if SUPERVISED in set_targets:
                 standing[SUPERVISED] = Supervised(tmp, python, n)
         log(f"{set_name}: backends on ports {bset.ports}"
