@@ -1069,7 +1069,7 @@ def paired_ratio(runs, set_name, wname, target, base):
 
     The two runs of a round are back to back (order rotated per round), so each round's
     ratio cancels the machine's slow drift; what is left varies a lot from run to run on a
-    shared 2-core machine (a standard deviation of about 15 %), which the interval shows.
+    shared 2-core machine (a standard deviation of 15-20 % at 16x4), which the interval shows.
     Logarithms make the figure the same whichever target is on top of the ratio.
     """
     by_round = {}
@@ -1092,9 +1092,11 @@ def reuseport_text(rows, runs):
     by = {(r["set"], r["target"], r["workload"]): r for r in rows}
     lines = []
     for (set_name, target, wname), r in by.items():
+        if target != SUPERVISED or not r["rps"]:
+            continue
         for base in ("reuseport", HELPER_GROUP):
             raw = by.get((set_name, base, wname))
-            if target != SUPERVISED or raw is None or not r["rps"] or not raw["rps"]:
+            if raw is None or not raw["rps"]:
                 continue
             cpu, raw_cpu = r.get("backend_cpu"), raw.get("backend_cpu")
             cpu_ratio = f"{cpu / raw_cpu:.2f}" if cpu and raw_cpu else "n/a"
